@@ -1,0 +1,146 @@
+"""Input checks shared by every op.
+
+Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
+(wrong shape, size or range) with a message that names the argument and says what
+was expected, so bad input never turns into a silent NaN deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute in: float64 stays float64, everything else uses float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool) -> None:
+    """Check ``q (B, H, L, D)``, ``k (B, H, S, D)``, ``v (B, H, S, Dv)``.
+
+    ``same_length=True`` additionally requires ``L == S`` (causal and block-diagonal ops).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must have a floating dtype (float64, float32, float16 or bfloat16), "
+                f"got {t.dtype}"
+            )
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, heads, seq, dim), got shape {tuple(t.shape)}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (b, h, n_q, d), (bk, hk, n_k, dk) = q.shape, k.shape
+    if (bk, hk) != (b, h) or v.shape[:2] != (b, h):
+        raise ValueError(
+            "q, k, v must agree on (batch, heads): got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if dk != d:
+        raise ValueError(f"k must have the head dim of q ({d}), got k {tuple(k.shape)}")
+    if v.shape[2] != n_k:
+        raise ValueError(
+            f"v must have as many tokens as k ({n_k}), got v {tuple(v.shape)}"
+        )
+    if n_q == 0 or n_k == 0:
+        raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if d == 0 or v.shape[3] == 0:
+        raise ValueError(f"head dims must be >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if same_length and n_q != n_k:
+        raise ValueError(
+            f"this op needs as many queries as keys (self-attention), got q length {n_q} "
+            f"and k length {n_k}"
+        )
+
+
+def check_key_padding_mask(mask: Tensor | None, k: Tensor) -> Tensor | None:
+    """Check a ``(B, S)`` bool mask (True = real token) against ``k (B, H, S, D)``."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a bool torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must have dtype torch.bool (True = real token), got {mask.dtype}"
+        )
+    expected = (k.shape[0], k.shape[2])
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"key_padding_mask must have shape (batch, seq) = {expected}, got {tuple(mask.shape)}"
+        )
+    if mask.device != k.device:
+        raise ValueError(f"key_padding_mask must be on {k.device}, got {mask.device}")
+    return mask
+
+
+def check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_positive_float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+    return value
+
+
+def check_nonnegative_float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
+    value = float(value)
+    if not (value >= 0 and value < float("inf")):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    return value
+
+
+def broadcast_param(
+    value: float | Tensor,
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    positive: bool,
+) -> Tensor:
+    """Turn a float or a tensor broadcastable to ``shape`` into a tensor of that rank.
+
+    Gradients flow through tensor values (so alpha/beta or mixing weights can be learned).
+    """
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating tensor, got dtype {value.dtype}")
+        try:
+            broadcast = torch.broadcast_shapes(value.shape, shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != torch.Size(shape):
+            raise ValueError(
+                f"{name} must be broadcastable to {shape}, got shape {tuple(value.shape)}"
+            )
+        if value.device != device:
+            raise ValueError(f"{name} must be on {device}, got {value.device}")
+        if positive and not bool((value > 0).all()):
+            raise ValueError(f"{name} must be > 0 everywhere, got min {value.min().item()!r}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} must be finite")
+        return value.to(dtype).reshape((1,) * (len(shape) - value.dim()) + tuple(value.shape))
+    if positive:
+        value = check_positive_float(value, name)
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    return torch.full((1,) * len(shape), float(value), dtype=dtype, device=device)

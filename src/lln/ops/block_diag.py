@@ -1,0 +1,104 @@
+"""Block-diagonal softmax attention: ordinary scaled softmax inside consecutive blocks.
+
+The diagonal half of LLN+Diag (SPEC section 4). Tokens ``[m * block, (m + 1) * block)`` form
+block ``m``; the last block may be partial; with ``is_causal`` the causal mask applies
+inside each block. Cost O(N * block * D) time and O(N * block) memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._validation import (
+    check_key_padding_mask,
+    check_positive_float,
+    check_positive_int,
+    check_qkv,
+    compute_dtype,
+)
+
+
+def masked_softmax(logits: Tensor, visible: Tensor) -> Tensor:
+    """Softmax over the last dim restricted to ``visible``; rows with nothing visible are 0."""
+    logits = logits.masked_fill(~visible, float("-inf"))
+    top = logits.detach().amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.exp(logits - top)
+    den = w.sum(-1, keepdim=True)
+    return w / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def block_diag_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    *,
+    block_size: int,
+    is_causal: bool,
+    scale: float,
+) -> Tensor:
+    """Block-diagonal attention on validated inputs, blocks aligned to token 0.
+
+    Returns ``(B, H, N, Dv)`` in the compute dtype.
+    """
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    cdt = compute_dtype(q.dtype)
+    size = min(block_size, n)  # one partial block when the input is shorter than a block
+    n_blocks = -(-n // size)
+    pad = n_blocks * size - n
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    if pad:
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        real = torch.nn.functional.pad(real, (0, pad), value=False)
+    qb = q.view(b, h, n_blocks, size, d)
+    kb = k.view(b, h, n_blocks, size, d)
+    vb = v.view(b, h, n_blocks, size, dv)
+    visible = real.view(b, 1, n_blocks, 1, size)
+    if is_causal:
+        visible = visible & torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+    probs = masked_softmax((qb @ kb.transpose(-1, -2)) * scale, visible)
+    return (probs @ vb).reshape(b, h, n_blocks * size, dv)[:, :, :n]
+
+
+def check_block_args(block_size: int | None, scale: float | None, d: int) -> tuple[int, float]:
+    """Validated ``(block_size, scale)`` with their defaults (head dim, ``1/sqrt(D)``)."""
+    block_size = d if block_size is None else check_positive_int(block_size, "block_size")
+    scale = 1.0 / math.sqrt(d) if scale is None else check_positive_float(scale, "scale")
+    return block_size, scale
+
+
+def block_diag_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    block_size: int | None = None,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Softmax attention inside consecutive diagonal blocks of ``block_size`` tokens.
+
+    Args:
+        q, k: ``(B, H, N, D)``; v: ``(B, H, N, Dv)``.
+        block_size: tokens per block (default: the head dim D, as in the reference code).
+        is_causal: causal mask inside each block.
+        key_padding_mask: ``(B, N)`` bool, True = real token. Rows that see no real key give 0.
+        scale: score scale (default ``1 / sqrt(D)``, as in SDPA).
+
+    Returns:
+        ``(B, H, N, Dv)`` in the dtype of ``v`` (computed in float32, or float64).
+    """
+    check_qkv(q, k, v, same_length=True)
+    mask = check_key_padding_mask(key_padding_mask, k)
+    block_size, scale = check_block_args(block_size, scale, q.shape[-1])
+    out = block_diag_forward(
+        q, k, v, mask, block_size=block_size, is_causal=is_causal, scale=scale
+    )
+    return out.to(v.dtype)

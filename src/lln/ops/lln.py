@@ -1,0 +1,356 @@
+"""Linear Log-Normal attention: ``exp(alpha q)`` / ``exp(beta k)`` feature maps, linear in N.
+
+``lln_attention`` computes, for every query i (SPEC section 3)::
+
+    out_i = sum_j w_ij v_j / sum_j w_ij,   w_ij = exp(alpha_i q_i) . exp(beta_j k_j)
+
+over the visible keys j (all real keys, or the real keys j <= i when causal), exactly —
+without eps swamping small denominators and without overflow, in every dtype.
+
+How it stays exact and stable:
+
+* **Per-dimension key offsets.** Key features are stored as ``exp(beta k - c)`` with ``c``
+  the per-dimension max of the scaled keys, and the query feature absorbs ``c``:
+  ``exp(alpha q + c - mu)``, ``mu`` its max. The key reaching ``c_d`` in the dimension
+  ``d`` that reaches ``mu`` contributes exactly 1 to the denominator, so the normalised
+  denominator is >= 1 and never underflows (non-causal, and the carried causal state).
+* **Causal, chunked.** Inside a chunk of ``C`` tokens the C x C block uses per-row offsets
+  (``exp(alpha q_i - max)``, ``exp(beta k_j - r_j)`` and ``exp(r_j - m_i)`` with
+  ``m_i = max_{j <= i} r_j``), so nothing after i enters query i, not even through an
+  offset. Between chunks the state ``(kv, k_sum, k_max)`` is carried and rescaled when the
+  running max grows. The two parts are joined with their log-scales like online softmax.
+  Masked entries are exact zeros (``exp(-inf)``), so a huge future value can neither
+  change the past nor leak NaN.
+* **Precision.** Features and sums are float32 (float64 for float64 inputs); the output is
+  cast back to the dtype of ``v``. Offsets carry no gradient (the output does not depend
+  on them), so backward stores only O(N * (C + D) + (N / C) * D * Dv) per head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validation import (
+    broadcast_param,
+    check_key_padding_mask,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+    check_qkv,
+    compute_dtype,
+)
+from .moment_matching import check_stats_mode, moment_match_with_moments
+from .state import LLNState
+
+NEG_INF = float("-inf")
+
+
+def _finite_or_zero(x: Tensor) -> Tensor:
+    """Replace -inf offsets (nothing seen yet) by 0 so that ``x - offset`` stays defined."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _safe_divide(num: Tensor, den: Tensor, eps: float) -> Tensor:
+    """``num / (den + eps)`` with rows that see no key (den == 0) set to 0 instead of NaN."""
+    den = den + eps
+    return num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
+
+
+def scaled_qk(
+    q: Tensor,
+    k: Tensor,
+    *,
+    is_causal: bool,
+    key_padding_mask: Tensor | None,
+    alpha: float | Tensor | None,
+    beta: float | Tensor | None,
+    stats: str,
+    temperature: float,
+    state: LLNState | None = None,
+) -> tuple[Tensor, Tensor, object]:
+    """``(alpha * q, beta * k, moments_after)`` in the compute dtype.
+
+    alpha/beta are moment-matched when None (continuing the prefix statistics of ``state``),
+    else broadcast from ``(B, H, 1, 1)``. Shared by the fast path and the quadratic oracle, so
+    both see the very same feature maps.
+    """
+    cdt = compute_dtype(q.dtype)
+    b, h = q.shape[:2]
+    if alpha is None:
+        alpha, beta, moments = moment_match_with_moments(
+            q, k, stats=stats, is_causal=is_causal, key_padding_mask=key_padding_mask,
+            temperature=temperature, moments=None if state is None else state.moments,
+        )
+    else:
+        shape = (b, h, 1, 1)
+        alpha = broadcast_param(alpha, "alpha", shape, dtype=cdt, device=q.device, positive=True)
+        beta = broadcast_param(beta, "beta", shape, dtype=cdt, device=q.device, positive=True)
+        moments = None
+    return q.to(cdt) * alpha, k.to(cdt) * beta, moments
+
+
+def check_lln_args(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    is_causal: bool,
+    key_padding_mask: Tensor | None,
+    alpha: float | Tensor | None,
+    beta: float | Tensor | None,
+    stats: str,
+    temperature: float,
+    eps: float,
+    chunk_size: int,
+    initial_state: LLNState | None,
+    output_final_state: bool,
+    block_size: int | None,
+) -> Tensor | None:
+    """Validate the arguments shared by ``lln_attention`` and ``lln_diag_attention``.
+
+    Returns the checked key padding mask.
+    """
+    check_qkv(q, k, v, same_length=is_causal or block_size is not None)
+    mask = check_key_padding_mask(key_padding_mask, k)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if (alpha is None) != (beta is None):
+        raise ValueError("alpha and beta must be given together (or both None for moment matching)")
+    if alpha is None:
+        check_stats_mode(stats, is_causal=is_causal)
+    check_positive_float(temperature, "temperature")
+    check_nonnegative_float(eps, "eps")
+    check_positive_int(chunk_size, "chunk_size")
+    if (initial_state is not None or output_final_state) and not is_causal:
+        raise ValueError(
+            "initial_state / output_final_state need is_causal=True: a non-causal output "
+            "depends on every key, so a sequence cannot be continued"
+        )
+    if initial_state is not None:
+        _check_state(initial_state, q, v, stats=None if alpha is not None else stats,
+                     block_size=block_size)
+    return mask
+
+
+def _check_state(
+    state: object, q: Tensor, v: Tensor, *, stats: str | None, block_size: int | None
+) -> None:
+    if not isinstance(state, LLNState):
+        raise TypeError(f"initial_state must be an lln.LLNState, got {type(state).__name__}")
+    expected = (q.shape[0], q.shape[1], q.shape[3], v.shape[3])
+    if state.shape != expected:
+        raise ValueError(
+            f"initial_state was made for (batch, heads, dim, value_dim) = {state.shape}, "
+            f"but q, v give {expected}"
+        )
+    if state.kv.dtype != compute_dtype(q.dtype):
+        raise TypeError(
+            f"initial_state holds {state.kv.dtype} sums, but inputs of dtype {q.dtype} "
+            f"compute in {compute_dtype(q.dtype)}"
+        )
+    if state.kv.device != q.device:
+        raise ValueError(f"initial_state is on {state.kv.device}, inputs on {q.device}")
+    if state.position > 0 and state.stats != stats:
+        raise ValueError(
+            f"initial_state was built with stats={state.stats!r} (None = given alpha/beta), "
+            f"this call uses {stats!r}"
+        )
+    if state.block_size != block_size and state.position > 0:
+        where = "lln_attention" if state.block_size is None else "lln_diag_attention"
+        raise ValueError(
+            f"initial_state belongs to {where} with block_size={state.block_size}, "
+            f"this call uses block_size={block_size}"
+        )
+
+
+def _noncausal(qs: Tensor, ks: Tensor, v: Tensor, mask: Tensor | None, eps: float) -> Tensor:
+    """Non-causal LLN on scaled ``qs (B,H,L,D)``, ``ks (B,H,S,D)``; one offset per dim."""
+    with torch.no_grad():
+        kmasked = ks if mask is None else ks.masked_fill(~mask[:, None, :, None], NEG_INF)
+        c = _finite_or_zero(kmasked.amax(-2, keepdim=True))  # (B, H, 1, D)
+    shifted = ks - c
+    if mask is not None:
+        shifted = shifted.masked_fill(~mask[:, None, :, None], NEG_INF)
+    k_feat = torch.exp(shifted)  # <= 1, exact 0 on padded keys
+    kv = k_feat.transpose(-1, -2) @ v  # (B, H, D, Dv)
+    k_sum = k_feat.sum(-2)  # (B, H, D)
+    q_plus = qs + c
+    with torch.no_grad():
+        mu = q_plus.amax(-1, keepdim=True)
+    q_feat = torch.exp(q_plus - mu)
+    num = q_feat @ kv
+    den = (q_feat @ k_sum.unsqueeze(-1)).squeeze(-1)
+    return _safe_divide(num, den, eps)
+
+
+def _causal(
+    qs: Tensor, ks: Tensor, v: Tensor, mask: Tensor | None, state: LLNState,
+    chunk_size: int, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Chunked causal LLN. Returns ``(out (B,H,N,Dv), kv, k_sum, k_max)`` after the input."""
+    b, h, n, d = qs.shape
+    dv = v.shape[-1]
+    c = min(chunk_size, n)
+    n_chunks = -(-n // c)
+    pad = n_chunks * c - n
+    real = torch.ones(b, n, dtype=torch.bool, device=qs.device) if mask is None else mask
+    if pad:
+        qs, ks, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (qs, ks, v))
+        real = torch.nn.functional.pad(real, (0, pad), value=False)
+    qc = qs.view(b, h, n_chunks, c, d)
+    kc = ks.view(b, h, n_chunks, c, d)
+    vc = v.view(b, h, n_chunks, c, dv)
+    key_real = real.view(b, 1, n_chunks, c, 1)
+
+    with torch.no_grad():  # offsets: any value gives the same output, so no gradient
+        k_masked = kc.masked_fill(~key_real, NEG_INF)
+        row_max = k_masked.amax(-1)  # r_j: (B, H, nC, C), -inf on padded keys
+        run_max = row_max.cummax(-1).values  # m_i = max_{j <= i in chunk} r_j
+        q_max = qc.amax(-1)  # (B, H, nC, C)
+        causal = torch.ones(c, c, dtype=torch.bool, device=qs.device).tril()
+        log_e = row_max.unsqueeze(-2) - run_max.unsqueeze(-1)  # r_j - m_i: (.., C_i, C_j)
+        visible = causal & torch.isfinite(row_max).unsqueeze(-2)
+        e = torch.exp(torch.where(visible, log_e, NEG_INF))  # <= 1, 0 where not visible
+        chunk_max = k_masked.amax(-2)  # per-dim max of each chunk: (B, H, nC, D)
+        # running per-dim max before / after each chunk, starting from the state's
+        before_and_after = torch.cat([state.k_max.unsqueeze(2), chunk_max], 2).cummax(2).values
+        max_before, max_after = before_and_after[:, :, :-1], before_and_after[:, :, 1:]
+        decay = torch.exp(max_before - max_after).nan_to_num(0.0)  # both -inf -> 0 (empty)
+        inject = torch.exp(chunk_max - max_after).nan_to_num(0.0)
+
+    # intra-chunk part, all chunks at once
+    q_hat = torch.exp(qc - q_max.unsqueeze(-1))
+    k_hat = torch.exp((kc - _finite_or_zero(row_max).unsqueeze(-1)).masked_fill(~key_real, NEG_INF))
+    scores = (q_hat @ k_hat.transpose(-1, -2)) * e
+    num_intra = scores @ vc
+    den_intra = scores.sum(-1)
+    log_scale_intra = q_max + run_max  # -inf where no key is visible yet
+
+    # chunk summaries relative to each chunk's own per-dim max, then the carried state
+    k_loc = torch.exp(
+        (kc - _finite_or_zero(chunk_max).unsqueeze(-2)).masked_fill(~key_real, NEG_INF)
+    )
+    kv_loc = k_loc.transpose(-1, -2) @ vc  # (B, H, nC, D, Dv)
+    k_sum_loc = k_loc.sum(-2)  # (B, H, nC, D)
+    kv, k_sum = state.kv, state.k_sum
+    kv_before, k_sum_before = [], []
+    for kv_n, k_sum_n, decay_n, inject_n in zip(
+        kv_loc.unbind(2), k_sum_loc.unbind(2), decay.unbind(2), inject.unbind(2), strict=True
+    ):
+        kv_before.append(kv)
+        k_sum_before.append(k_sum)
+        kv = kv * decay_n.unsqueeze(-1) + kv_n * inject_n.unsqueeze(-1)
+        k_sum = k_sum * decay_n + k_sum_n * inject_n
+    kv_before = torch.stack(kv_before, 2)  # (B, H, nC, D, Dv)
+    k_sum_before = torch.stack(k_sum_before, 2)  # (B, H, nC, D)
+
+    # inter-chunk part: queries against the state carried into their chunk
+    q_plus = qc + max_before.unsqueeze(-2)  # -inf in dims with no key yet
+    with torch.no_grad():
+        log_scale_inter = q_plus.amax(-1)  # (B, H, nC, C)
+    q_til = torch.exp(q_plus - _finite_or_zero(log_scale_inter).unsqueeze(-1))
+    num_inter = q_til @ kv_before
+    den_inter = (q_til @ k_sum_before.unsqueeze(-1)).squeeze(-1)
+
+    with torch.no_grad():
+        top = _finite_or_zero(torch.maximum(log_scale_inter, log_scale_intra))
+        w_inter = torch.exp(log_scale_inter - top)
+        w_intra = torch.exp(log_scale_intra - top)
+    num = num_inter * w_inter.unsqueeze(-1) + num_intra * w_intra.unsqueeze(-1)
+    den = den_inter * w_inter + den_intra * w_intra
+    out = _safe_divide(num, den, eps).reshape(b, h, n_chunks * c, dv)[:, :, :n]
+    return out, kv, k_sum, max_after[:, :, -1]
+
+
+def lln_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    is_causal: bool,
+    mask: Tensor | None,
+    alpha: float | Tensor | None,
+    beta: float | Tensor | None,
+    stats: str,
+    temperature: float,
+    eps: float,
+    chunk_size: int,
+    state: LLNState | None,
+    block_size: int | None = None,
+) -> tuple[Tensor, LLNState | None]:
+    """LLN on validated inputs. Returns the output in the compute dtype and, when causal,
+    the state after the input (``block_*`` fields are left for the caller)."""
+    cdt = compute_dtype(q.dtype)
+    qs, ks, moments = scaled_qk(
+        q, k, is_causal=is_causal, key_padding_mask=mask, alpha=alpha, beta=beta,
+        stats=stats, temperature=temperature, state=state,
+    )
+    vc = v.to(cdt)
+    if not is_causal:
+        return _noncausal(qs, ks, vc, mask, eps), None
+    if state is None:
+        b, h, _, d = q.shape
+        state = LLNState.empty(b, h, d, v.shape[-1], dtype=cdt, device=q.device)
+    out, kv, k_sum, k_max = _causal(qs, ks, vc, mask, state, chunk_size, eps)
+    new_state = LLNState(
+        kv=kv, k_sum=k_sum, k_max=k_max, position=state.position + q.shape[2],
+        stats=None if alpha is not None else stats, moments=moments, block_size=block_size,
+    )
+    return out, new_state
+
+
+def lln_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    alpha: float | Tensor | None = None,
+    beta: float | Tensor | None = None,
+    stats: str = "head",
+    temperature: float = 1.0,
+    eps: float = 0.0,
+    chunk_size: int = 64,
+    initial_state: LLNState | None = None,
+    output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, LLNState]:
+    """Linear Log-Normal attention, a linear-cost stand-in for softmax attention.
+
+    Args:
+        q: ``(B, H, L, D)`` queries.
+        k: ``(B, H, S, D)`` keys (``S == L`` when causal).
+        v: ``(B, H, S, Dv)`` values.
+        is_causal: query i sees keys j <= i only — strictly: changing any token after i
+            leaves output i unchanged.
+        key_padding_mask: ``(B, S)`` bool, True = real token (the SDPA / Hugging Face
+            convention). Padded keys are removed from numerator, denominator and statistics.
+            A query that sees no real key gets a zero output.
+        alpha, beta: feature scales ``exp(alpha q)``, ``exp(beta k)``: floats or tensors
+            broadcastable to ``(B, H, 1, 1)`` (gradients flow into tensors). None (both) =
+            moment matching from the statistics of q and k.
+        stats: which entries the moment-matching statistics use: ``"head"`` (per sequence
+            and head, default), ``"sequence"`` (per sequence), ``"tensor"`` (the whole batch,
+            like the reference code; non-causal only). Causal modes use prefix statistics.
+        temperature: divides the moment-matched sigma_tilde (> 1 flattens the attention).
+        eps: added to the normalised denominator (default 0: exact; rows without keys give 0).
+        chunk_size: tokens per chunk of the causal path (a speed knob; results agree to
+            rounding for every value).
+        initial_state: an :class:`LLNState` returned by a previous causal call to continue.
+        output_final_state: also return the state after the last token (causal only).
+
+    Returns:
+        ``out`` with the shape ``(B, H, L, Dv)`` and dtype of ``v``, or ``(out, state)``.
+    """
+    mask = check_lln_args(
+        q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha,
+        beta=beta, stats=stats, temperature=temperature, eps=eps, chunk_size=chunk_size,
+        initial_state=initial_state, output_final_state=output_final_state, block_size=None,
+    )
+    out, state = lln_forward(
+        q, k, v, is_causal=is_causal, mask=mask, alpha=alpha, beta=beta, stats=stats,
+        temperature=temperature, eps=eps, chunk_size=chunk_size, state=initial_state,
+    )
+    out = out.to(v.dtype)
+    return (out, state) if output_final_state else out

@@ -1,0 +1,216 @@
+"""Moment matching: choose the LLN feature scales alpha, beta from the statistics of q and k.
+
+Softmax attention with scores ``q.k / sqrt(D)`` has ``Var(log P) ~ sigma_q^2 sigma_k^2``; LLN
+attention with ``exp(alpha q)``, ``exp(beta k)`` has ``Var(log P) ~ a (alpha^2 sigma_q^2 +
+beta^2 sigma_k^2) + b``. Equating the two and splitting symmetrically
+(``alpha sigma_q = beta sigma_k = sigma_tilde``) gives (SPEC section 3)::
+
+    sigma_tilde = sqrt((sigma_q^2 sigma_k^2 - b) / (2 a)) / temperature
+    alpha = sigma_tilde / sigma_q,   beta = sigma_tilde / sigma_k
+
+Which entries enter sigma_q, sigma_k is the ``stats`` mode:
+
+``"tensor"``   every entry of the whole ``(B, H, N, D)`` tensor, as the authors' code does
+               (mixes sequences of a batch; non-causal only).
+``"sequence"`` the entries of one sequence, all heads together: shape ``(B, 1, ., 1)``.
+``"head"``     the entries of one sequence and one head: shape ``(B, H, ., 1)`` (default).
+
+Variances are unbiased (Bessel's correction, like ``torch.std``) and padded tokens are left
+out. In causal mode the statistics of token ``t`` use tokens ``<= t`` only (prefix
+statistics), so alpha and beta are per token: shape ``(B, ., N, 1)``. The prefix sums live
+in :class:`PrefixMoments` so that a sequence processed in pieces gets the same scales.
+
+The statistics are computed without gradient, as in the reference implementation: alpha and
+beta are normalisation constants, not functions to differentiate through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._validation import (
+    check_key_padding_mask,
+    check_positive_float,
+    check_qkv,
+    compute_dtype,
+)
+
+#: Slope of Var(log P_lln) against alpha^2 sigma_q^2 + beta^2 sigma_k^2 (fitted for D = 64).
+MOMENT_A: float = 0.14855178144710912
+#: Intercept of the same fit.
+MOMENT_B: float = -0.35487039130661086
+
+STATS_MODES = ("tensor", "sequence", "head")
+CAUSAL_STATS_MODES = ("sequence", "head")
+
+#: Variances are floored here so that a constant q or k gives a large but finite scale.
+MIN_VARIANCE = 1e-12
+
+
+@dataclass
+class PrefixMoments:
+    """Running sums of the entries of q and k seen so far, per ``(batch, stats group)``.
+
+    All tensors have shape ``(B, G)`` in float64, with ``G = H`` for ``stats="head"`` and
+    ``G = 1`` for ``stats="sequence"``. ``count`` is the number of entries (tokens x dims,
+    times heads in ``"sequence"`` mode) that entered the sums.
+    """
+
+    count: Tensor
+    q_sum: Tensor
+    q_sq_sum: Tensor
+    k_sum: Tensor
+    k_sq_sum: Tensor
+
+    @classmethod
+    def zeros(cls, batch: int, groups: int, device: torch.device) -> PrefixMoments:
+        def z() -> Tensor:
+            return torch.zeros(batch, groups, dtype=torch.float64, device=device)
+
+        return cls(z(), z(), z(), z(), z())
+
+
+def check_stats_mode(stats: object, *, is_causal: bool) -> str:
+    if stats not in STATS_MODES:
+        raise ValueError(f"stats must be one of {STATS_MODES}, got {stats!r}")
+    if is_causal and stats not in CAUSAL_STATS_MODES:
+        raise ValueError(
+            f"stats={stats!r} uses every token of the batch, so it cannot be causal; with "
+            f"is_causal=True use one of {CAUSAL_STATS_MODES} (prefix statistics) or pass "
+            "alpha and beta"
+        )
+    return stats
+
+
+def scales_from_variances(
+    var_q: Tensor,
+    var_k: Tensor,
+    *,
+    temperature: float = 1.0,
+    a: float = MOMENT_A,
+    b: float = MOMENT_B,
+) -> tuple[Tensor, Tensor]:
+    """``(alpha, beta)`` from the variances of q and k entries (any broadcastable shapes)."""
+    var_q = var_q.clamp_min(MIN_VARIANCE)
+    var_k = var_k.clamp_min(MIN_VARIANCE)
+    sigma_tilde = torch.sqrt(((var_q * var_k - b) / (2 * a)).clamp_min(MIN_VARIANCE))
+    sigma_tilde = sigma_tilde / temperature
+    return sigma_tilde / var_q.sqrt(), sigma_tilde / var_k.sqrt()
+
+
+def _whole_variance(x: Tensor, mask: Tensor | None, stats: str) -> Tensor:
+    """Unbiased variance over the entries selected by ``stats``; shape ``(B|1, H|1, 1, 1)``."""
+    dims = {"tensor": (0, 1, 2, 3), "sequence": (1, 2, 3), "head": (2, 3)}[stats]
+    x = x.to(compute_dtype(x.dtype))
+    if mask is None:
+        return x.var(dim=dims, keepdim=True, correction=1)
+    w = mask[:, None, :, None].to(x.dtype)  # (B, 1, N, 1)
+    count = w.expand(x.shape[0], x.shape[1], -1, -1).sum(dims, keepdim=True) * x.shape[3]
+    xm = torch.where(mask[:, None, :, None], x, 0.0)
+    mean = xm.sum(dims, keepdim=True) / count.clamp_min(1)
+    centred = torch.where(mask[:, None, :, None], x - mean, 0.0)
+    var = centred.square().sum(dims, keepdim=True) / (count - 1).clamp_min(1)
+    return torch.where(count > 0, var, torch.ones_like(var))
+
+
+def _prefix_variance(
+    x: Tensor, mask: Tensor | None, stats: str, total: Tensor, sq_total: Tensor, count0: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token unbiased variance of the entries at positions ``<= t``.
+
+    Returns ``(var (B, G, N, 1), sum, sq_sum, count)`` with the sums ``(B, G)`` after the
+    last token, continuing from ``total``, ``sq_total``, ``count0``.
+    """
+    b, h, n, d = x.shape
+    s1 = x.sum(-1, dtype=torch.float64)  # (B, H, N)
+    s2 = x.to(compute_dtype(x.dtype)).square().sum(-1, dtype=torch.float64)
+    cnt = torch.full((b, 1, n), float(d), dtype=torch.float64, device=x.device)
+    if mask is not None:
+        m = mask[:, None, :]
+        s1, s2 = torch.where(m, s1, 0.0), torch.where(m, s2, 0.0)
+        cnt = torch.where(m, cnt, 0.0)
+    if stats == "sequence":
+        s1, s2, cnt = s1.sum(1, keepdim=True), s2.sum(1, keepdim=True), cnt * h
+    c1 = total[..., None] + s1.cumsum(-1)
+    c2 = sq_total[..., None] + s2.cumsum(-1)
+    cn = count0[..., None] + cnt.cumsum(-1)
+    var = (c2 - c1.square() / cn.clamp_min(1)) / (cn - 1).clamp_min(1)
+    var = torch.where(cn > 0, var, torch.ones_like(var))
+    return var[..., None], c1[..., -1], c2[..., -1], cn[..., -1]
+
+
+@torch.no_grad()
+def moment_match_with_moments(
+    q: Tensor,
+    k: Tensor,
+    *,
+    stats: str,
+    is_causal: bool,
+    key_padding_mask: Tensor | None,
+    temperature: float,
+    moments: PrefixMoments | None = None,
+    a: float = MOMENT_A,
+    b: float = MOMENT_B,
+) -> tuple[Tensor, Tensor, PrefixMoments | None]:
+    """Moment-matched scales, continuing causal prefix statistics from ``moments``.
+
+    Returns ``(alpha, beta, moments_after)``; ``moments_after`` is None when not causal.
+    Inputs are assumed validated.
+    """
+    cdt = compute_dtype(q.dtype)
+    if not is_causal:
+        var_q = _whole_variance(q, key_padding_mask, stats)
+        var_k = _whole_variance(k, key_padding_mask, stats)
+        alpha, beta = scales_from_variances(var_q, var_k, temperature=temperature, a=a, b=b)
+        return alpha.to(cdt), beta.to(cdt), None
+    groups = q.shape[1] if stats == "head" else 1
+    if moments is None:
+        moments = PrefixMoments.zeros(q.shape[0], groups, q.device)
+    var_q, q_sum, q_sq, count = _prefix_variance(
+        q, key_padding_mask, stats, moments.q_sum, moments.q_sq_sum, moments.count
+    )
+    var_k, k_sum, k_sq, _ = _prefix_variance(
+        k, key_padding_mask, stats, moments.k_sum, moments.k_sq_sum, moments.count
+    )
+    alpha, beta = scales_from_variances(var_q, var_k, temperature=temperature, a=a, b=b)
+    return alpha.to(cdt), beta.to(cdt), PrefixMoments(count, q_sum, q_sq, k_sum, k_sq)
+
+
+def moment_match(
+    q: Tensor,
+    k: Tensor,
+    *,
+    stats: str = "head",
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    a: float = MOMENT_A,
+    b: float = MOMENT_B,
+) -> tuple[Tensor, Tensor]:
+    """Moment-matched LLN feature scales ``(alpha, beta)`` for ``q, k (B, H, N, D)``.
+
+    Args:
+        stats: ``"head"`` (per sequence and head, default), ``"sequence"`` or ``"tensor"``
+            (whole batch, non-causal only) — see the module docstring.
+        is_causal: use prefix statistics, one scale per token.
+        key_padding_mask: ``(B, N)`` bool, True = real token; padded tokens are ignored.
+        temperature: divides sigma_tilde (higher = flatter attention); 1 = plain matching.
+        a, b: the fit ``Var(log P_lln) = a * sigma_lln^2 + b`` (defaults: the D = 64 values).
+
+    Returns:
+        ``alpha, beta`` of shape ``(B|1, H|1, N|1, 1)`` in float32 (float64 for float64
+        inputs), without gradient.
+    """
+    check_qkv(q, k, k, same_length=is_causal)
+    mask = check_key_padding_mask(key_padding_mask, k)
+    check_stats_mode(stats, is_causal=is_causal)
+    temperature = check_positive_float(temperature, "temperature")
+    check_positive_float(a, "a")
+    alpha, beta, _ = moment_match_with_moments(
+        q, k, stats=stats, is_causal=is_causal, key_padding_mask=mask,
+        temperature=temperature, a=a, b=b,
+    )
+    return alpha, beta

@@ -1,0 +1,132 @@
+"""Quadratic oracles: the explicit N x N attention matrices of LLN, block-diagonal softmax
+and LLN+Diag, built with the very same feature maps, statistics and masks as the fast ops.
+
+They cost O(N^2 D) time and O(N^2) memory: use them to test, to analyse attention (entropy,
+spectral gap, log-normality), never to train. Run them in float64 for an oracle.
+
+The LLN matrix is written in log space, independently of the fast path's offsets::
+
+    logit_ij = log sum_d exp(alpha_i q_id + beta_j k_jd) = log(exp(alpha_i q_i) . exp(beta_j k_j))
+    P_ij     = softmax_j(logit_ij) over the visible keys
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._validation import check_key_padding_mask, check_positive_int, check_qkv, compute_dtype
+from .block_diag import masked_softmax
+from .lln import check_lln_args, scaled_qk
+
+#: Query rows per step of the log-space oracle (bounds its memory to rows * S * D numbers).
+_ORACLE_ELEMENTS = 1 << 24
+
+
+def visible_keys(
+    n_q: int, n_k: int, *, is_causal: bool, key_padding_mask: Tensor | None, device
+) -> Tensor:
+    """Bool ``(B|1, 1, L, S)``: which key each query may attend to."""
+    visible = torch.ones(1, 1, n_q, n_k, dtype=torch.bool, device=device)
+    if is_causal:
+        visible = visible.tril()
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    return visible
+
+
+def lln_attention_matrix(
+    q: Tensor,
+    k: Tensor,
+    *,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    alpha: float | Tensor | None = None,
+    beta: float | Tensor | None = None,
+    stats: str = "head",
+    temperature: float = 1.0,
+) -> Tensor:
+    """The row-stochastic LLN attention matrix ``(B, H, L, S)`` (compute dtype).
+
+    Arguments as in :func:`lln.lln_attention`; ``v @`` this matrix is its exact output.
+    """
+    mask = check_lln_args(
+        q, k, k, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha,
+        beta=beta, stats=stats, temperature=temperature, eps=0.0, chunk_size=1,
+        initial_state=None, output_final_state=False, block_size=None,
+    )
+    qs, ks, _ = scaled_qk(
+        q, k, is_causal=is_causal, key_padding_mask=mask, alpha=alpha, beta=beta,
+        stats=stats, temperature=temperature,
+    )
+    n_q, n_k, d = qs.shape[2], ks.shape[2], qs.shape[3]
+    rows = max(1, _ORACLE_ELEMENTS // (n_k * d * qs.shape[0] * qs.shape[1]))
+    logits = torch.cat(
+        [
+            torch.logsumexp(q_rows.unsqueeze(-2) + ks.unsqueeze(-3), dim=-1)
+            for q_rows in qs.split(rows, dim=2)
+        ],
+        dim=2,
+    )
+    visible = visible_keys(n_q, n_k, is_causal=is_causal, key_padding_mask=mask, device=q.device)
+    return masked_softmax(logits, visible)
+
+
+def block_diag_attention_matrix(
+    q: Tensor,
+    k: Tensor,
+    *,
+    block_size: int | None = None,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+    position: int = 0,
+) -> Tensor:
+    """Softmax attention restricted to diagonal blocks, as an explicit ``(B, H, N, N)`` matrix.
+
+    Token ``t`` belongs to block ``(position + t) // block_size``: ``position`` is the index
+    of the first token in the whole sequence (blocks are aligned to the sequence start).
+    """
+    check_qkv(q, k, k, same_length=True)
+    mask = check_key_padding_mask(key_padding_mask, k)
+    n, d = q.shape[2], q.shape[3]
+    block_size = d if block_size is None else check_positive_int(block_size, "block_size")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cdt = compute_dtype(q.dtype)
+    logits = (q.to(cdt) @ k.to(cdt).transpose(-1, -2)) * scale
+    block = (torch.arange(n, device=q.device) + position) // block_size
+    visible = visible_keys(n, n, is_causal=is_causal, key_padding_mask=mask, device=q.device)
+    visible = visible & (block[:, None] == block[None, :])
+    return masked_softmax(logits, visible)
+
+
+def lln_diag_attention_matrix(
+    q: Tensor,
+    k: Tensor,
+    *,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    alpha: float | Tensor | None = None,
+    beta: float | Tensor | None = None,
+    stats: str = "head",
+    temperature: float = 1.0,
+    block_size: int | None = None,
+    scale: float | None = None,
+    lln_weight: float = 0.5,
+    diag_weight: float = 0.5,
+) -> Tensor:
+    """``lln_weight * P_lln + diag_weight * P_diag`` (scalar weights), ``(B, H, N, N)``.
+
+    With the default weights (0.5, 0.5) the result is row-stochastic.
+    """
+    p_lln = lln_attention_matrix(
+        q, k, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha, beta=beta,
+        stats=stats, temperature=temperature,
+    )
+    p_diag = block_diag_attention_matrix(
+        q, k, block_size=block_size, is_causal=is_causal, key_padding_mask=key_padding_mask,
+        scale=scale,
+    )
+    return lln_weight * p_lln + diag_weight * p_diag
