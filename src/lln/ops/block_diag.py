@@ -21,6 +21,10 @@ from ._validation import (
 )
 
 
+#: Tokens per segment of the block-diagonal path (rounded to whole blocks).
+SEGMENT_TOKENS = 1024
+
+
 def masked_softmax(logits: Tensor, visible: Tensor) -> Tensor:
     """Softmax over the last dim restricted to ``visible``; rows with nothing visible are 0."""
     logits = logits.masked_fill(~visible, float("-inf"))
@@ -43,8 +47,28 @@ def block_diag_forward(
 ) -> Tensor:
     """Block-diagonal attention on validated inputs, blocks aligned to token 0.
 
-    Returns ``(B, H, N, Dv)`` in the compute dtype.
+    Runs over segments of whole blocks (about ``SEGMENT_TOKENS`` tokens) so that temporaries
+    stay cache-sized. Returns ``(B, H, N, Dv)`` in the compute dtype.
     """
+    segment = block_size * max(1, SEGMENT_TOKENS // block_size)
+    if q.shape[2] <= segment:
+        return _block_diag_segment(q, k, v, mask, block_size, is_causal, scale)
+    masks = [None] * -(-q.shape[2] // segment) if mask is None else mask.split(segment, 1)
+    return torch.cat(
+        [
+            _block_diag_segment(*parts, block_size, is_causal, scale)
+            for parts in zip(
+                q.split(segment, 2), k.split(segment, 2), v.split(segment, 2), masks, strict=True
+            )
+        ],
+        2,
+    )
+
+
+def _block_diag_segment(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, block_size: int, is_causal: bool,
+    scale: float,
+) -> Tensor:
     b, h, n, d = q.shape
     dv = v.shape[-1]
     cdt = compute_dtype(q.dtype)

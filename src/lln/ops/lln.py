@@ -40,10 +40,12 @@ from ._validation import (
     check_qkv,
     compute_dtype,
 )
-from .moment_matching import check_stats_mode, moment_match_with_moments
+from .moment_matching import PrefixMoments, check_stats_mode, moment_match_with_moments
 from .state import LLNState
 
 NEG_INF = float("-inf")
+#: Chunks per segment of the causal path (see ``_causal``).
+SEGMENT_CHUNKS = 32
 
 
 def _finite_or_zero(x: Tensor) -> Tensor:
@@ -57,7 +59,7 @@ def _safe_divide(num: Tensor, den: Tensor, eps: float) -> Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
 
 
-def scaled_qk(
+def feature_scales(
     q: Tensor,
     k: Tensor,
     *,
@@ -68,8 +70,8 @@ def scaled_qk(
     stats: str,
     temperature: float,
     state: LLNState | None = None,
-) -> tuple[Tensor, Tensor, object]:
-    """``(alpha * q, beta * k, moments_after)`` in the compute dtype.
+) -> tuple[Tensor, Tensor, PrefixMoments | None]:
+    """``(alpha, beta, moments_after)`` in the compute dtype, shapes ``(B|1, H|1, N|1, 1)``.
 
     alpha/beta are moment-matched when None (continuing the prefix statistics of ``state``),
     else broadcast from ``(B, H, 1, 1)``. Shared by the fast path and the quadratic oracle, so
@@ -87,7 +89,7 @@ def scaled_qk(
         alpha = broadcast_param(alpha, "alpha", shape, dtype=cdt, device=q.device, positive=True)
         beta = broadcast_param(beta, "beta", shape, dtype=cdt, device=q.device, positive=True)
         moments = None
-    return q.to(cdt) * alpha, k.to(cdt) * beta, moments
+    return alpha, beta, moments
 
 
 def check_lln_args(
@@ -164,8 +166,12 @@ def _check_state(
         )
 
 
-def _noncausal(qs: Tensor, ks: Tensor, v: Tensor, mask: Tensor | None, eps: float) -> Tensor:
-    """Non-causal LLN on scaled ``qs (B,H,L,D)``, ``ks (B,H,S,D)``; one offset per dim."""
+def _noncausal(
+    q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, mask: Tensor | None, eps: float
+) -> Tensor:
+    """Non-causal LLN of ``q (B,H,L,D)``, ``k (B,H,S,D)``, ``v`` (compute dtype); one offset
+    per feature dim."""
+    qs, ks = q * alpha, k * beta
     with torch.no_grad():
         kmasked = ks if mask is None else ks.masked_fill(~mask[:, None, :, None], NEG_INF)
         c = _finite_or_zero(kmasked.amax(-2, keepdim=True))  # (B, H, 1, D)
@@ -185,10 +191,41 @@ def _noncausal(qs: Tensor, ks: Tensor, v: Tensor, mask: Tensor | None, eps: floa
 
 
 def _causal(
-    qs: Tensor, ks: Tensor, v: Tensor, mask: Tensor | None, state: LLNState,
-    chunk_size: int, eps: float,
+    q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, mask: Tensor | None,
+    state: LLNState, chunk_size: int, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Chunked causal LLN. Returns ``(out (B,H,N,Dv), kv, k_sum, k_max)`` after the input."""
+    """Causal LLN over segments of ``SEGMENT_CHUNKS`` chunks, chained through the state.
+
+    Working on segments keeps every temporary small enough for the CPU caches (and out of
+    fresh ``mmap`` pages), which keeps time linear in N at long lengths. ``split`` (not
+    slicing) keeps backward linear. Returns ``(out (B,H,N,Dv), kv, k_sum, k_max)``.
+    """
+    segment = chunk_size * SEGMENT_CHUNKS
+    kv, k_sum, k_max = state.kv, state.k_sum, state.k_max
+    n_segments = -(-q.shape[2] // segment)
+
+    def pieces(t: Tensor | None, dim: int) -> list:
+        """``t`` split into segments along ``dim``; repeated when it broadcasts there."""
+        if t is None or t.shape[dim] == 1:
+            return [t] * n_segments
+        return list(t.split(segment, dim))
+
+    outs = []
+    for q_seg, k_seg, v_seg, a_seg, b_seg, mask_seg in zip(
+        *(pieces(t, 2) for t in (q, k, v, alpha, beta)), pieces(mask, 1), strict=True
+    ):
+        out, kv, k_sum, k_max = _causal_segment(
+            q_seg * a_seg, k_seg * b_seg, v_seg, mask_seg, kv, k_sum, k_max, chunk_size, eps
+        )
+        outs.append(out)
+    return torch.cat(outs, 2), kv, k_sum, k_max
+
+
+def _causal_segment(
+    qs: Tensor, ks: Tensor, v: Tensor, mask: Tensor | None,
+    kv: Tensor, k_sum: Tensor, k_max: Tensor, chunk_size: int, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Chunked causal LLN continuing from ``(kv, k_sum, k_max)``; returns them updated."""
     b, h, n, d = qs.shape
     dv = v.shape[-1]
     c = min(chunk_size, n)
@@ -214,52 +251,48 @@ def _causal(
         e = torch.exp(torch.where(visible, log_e, NEG_INF))  # <= 1, 0 where not visible
         chunk_max = k_masked.amax(-2)  # per-dim max of each chunk: (B, H, nC, D)
         # running per-dim max before / after each chunk, starting from the state's
-        before_and_after = torch.cat([state.k_max.unsqueeze(2), chunk_max], 2).cummax(2).values
+        before_and_after = torch.cat([k_max.unsqueeze(2), chunk_max], 2).cummax(2).values
         max_before, max_after = before_and_after[:, :, :-1], before_and_after[:, :, 1:]
         decay = torch.exp(max_before - max_after).nan_to_num(0.0)  # both -inf -> 0 (empty)
         inject = torch.exp(chunk_max - max_after).nan_to_num(0.0)
 
+    # Values get a column of ones, so one matmul yields numerator and denominator together.
+    v_one = torch.cat([vc, vc.new_ones(b, h, n_chunks, c, 1)], -1)  # (B, H, nC, C, Dv + 1)
+
     # intra-chunk part, all chunks at once
     q_hat = torch.exp(qc - q_max.unsqueeze(-1))
     k_hat = torch.exp((kc - _finite_or_zero(row_max).unsqueeze(-1)).masked_fill(~key_real, NEG_INF))
-    scores = (q_hat @ k_hat.transpose(-1, -2)) * e
-    num_intra = scores @ vc
-    den_intra = scores.sum(-1)
+    intra = ((q_hat @ k_hat.transpose(-1, -2)) * e) @ v_one
     log_scale_intra = q_max + run_max  # -inf where no key is visible yet
 
     # chunk summaries relative to each chunk's own per-dim max, then the carried state
     k_loc = torch.exp(
         (kc - _finite_or_zero(chunk_max).unsqueeze(-2)).masked_fill(~key_real, NEG_INF)
     )
-    kv_loc = k_loc.transpose(-1, -2) @ vc  # (B, H, nC, D, Dv)
-    k_sum_loc = k_loc.sum(-2)  # (B, H, nC, D)
-    kv, k_sum = state.kv, state.k_sum
-    kv_before, k_sum_before = [], []
-    for kv_n, k_sum_n, decay_n, inject_n in zip(
-        kv_loc.unbind(2), k_sum_loc.unbind(2), decay.unbind(2), inject.unbind(2), strict=True
-    ):
+    # chunk axis first and contiguous: the loop below then works on dense (B, H, D, Dv + 1)
+    kv_loc = (k_loc.transpose(-1, -2) @ v_one).permute(2, 0, 1, 3, 4).contiguous()
+    decay = decay.permute(2, 0, 1, 3).unsqueeze(-1).contiguous()
+    inject = inject.permute(2, 0, 1, 3).unsqueeze(-1).contiguous()
+    kv = torch.cat([kv, k_sum.unsqueeze(-1)], -1)
+    kv_before = []
+    for kv_n, decay_n, inject_n in zip(kv_loc.unbind(0), decay.unbind(0), inject.unbind(0), strict=True):
         kv_before.append(kv)
-        k_sum_before.append(k_sum)
-        kv = kv * decay_n.unsqueeze(-1) + kv_n * inject_n.unsqueeze(-1)
-        k_sum = k_sum * decay_n + k_sum_n * inject_n
-    kv_before = torch.stack(kv_before, 2)  # (B, H, nC, D, Dv)
-    k_sum_before = torch.stack(k_sum_before, 2)  # (B, H, nC, D)
+        kv = torch.addcmul(kv * decay_n, kv_n, inject_n)
+    kv_before = torch.stack(kv_before, 2)  # (B, H, nC, D, Dv + 1)
 
     # inter-chunk part: queries against the state carried into their chunk
     q_plus = qc + max_before.unsqueeze(-2)  # -inf in dims with no key yet
     with torch.no_grad():
         log_scale_inter = q_plus.amax(-1)  # (B, H, nC, C)
-    q_til = torch.exp(q_plus - _finite_or_zero(log_scale_inter).unsqueeze(-1))
-    num_inter = q_til @ kv_before
-    den_inter = (q_til @ k_sum_before.unsqueeze(-1)).squeeze(-1)
+    inter = torch.exp(q_plus - _finite_or_zero(log_scale_inter).unsqueeze(-1)) @ kv_before
 
     with torch.no_grad():
         top = _finite_or_zero(torch.maximum(log_scale_inter, log_scale_intra))
-        w_inter = torch.exp(log_scale_inter - top)
-        w_intra = torch.exp(log_scale_intra - top)
-    num = num_inter * w_inter.unsqueeze(-1) + num_intra * w_intra.unsqueeze(-1)
-    den = den_inter * w_inter + den_intra * w_intra
-    out = _safe_divide(num, den, eps).reshape(b, h, n_chunks * c, dv)[:, :, :n]
+        w_inter = torch.exp(log_scale_inter - top).unsqueeze(-1)
+        w_intra = torch.exp(log_scale_intra - top).unsqueeze(-1)
+    both = inter * w_inter + intra * w_intra
+    out = _safe_divide(both[..., :-1], both[..., -1], eps).reshape(b, h, n_chunks * c, dv)[:, :, :n]
+    kv, k_sum = kv[..., :-1], kv[..., -1]
     return out, kv, k_sum, max_after[:, :, -1]
 
 
@@ -282,17 +315,17 @@ def lln_forward(
     """LLN on validated inputs. Returns the output in the compute dtype and, when causal,
     the state after the input (``block_*`` fields are left for the caller)."""
     cdt = compute_dtype(q.dtype)
-    qs, ks, moments = scaled_qk(
+    alpha_t, beta_t, moments = feature_scales(
         q, k, is_causal=is_causal, key_padding_mask=mask, alpha=alpha, beta=beta,
         stats=stats, temperature=temperature, state=state,
     )
-    vc = v.to(cdt)
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     if not is_causal:
-        return _noncausal(qs, ks, vc, mask, eps), None
+        return _noncausal(q, k, v, alpha_t, beta_t, mask, eps), None
     if state is None:
         b, h, _, d = q.shape
         state = LLNState.empty(b, h, d, v.shape[-1], dtype=cdt, device=q.device)
-    out, kv, k_sum, k_max = _causal(qs, ks, vc, mask, state, chunk_size, eps)
+    out, kv, k_sum, k_max = _causal(q, k, v, alpha_t, beta_t, mask, state, chunk_size, eps)
     new_state = LLNState(
         kv=kv, k_sum=k_sum, k_max=k_max, position=state.position + q.shape[2],
         stats=None if alpha is not None else stats, moments=moments, block_size=block_size,

@@ -17,6 +17,9 @@ from .block_diag import block_diag_forward, check_block_args
 from .lln import check_lln_args, lln_forward
 from .state import LLNState
 
+#: Tokens per piece of the causal path (see ``lln_diag_attention``).
+PIECE_TOKENS = 1024
+
 
 def lln_diag_attention(
     q: Tensor,
@@ -69,35 +72,74 @@ def lln_diag_attention(
     diag_w = broadcast_param(
         diag_weight, "diag_weight", weight_shape, dtype=cdt, device=q.device, positive=False
     )
-    lln_out, state = lln_forward(
+    parts = dict(
+        is_causal=is_causal, alpha=alpha, beta=beta, stats=stats, temperature=temperature,
+        eps=eps, chunk_size=chunk_size, block_size=block_size, scale=scale, lln_weight=lln_w,
+        diag_weight=diag_w,
+    )
+    if not is_causal:
+        return _lln_diag_piece(q, k, v, mask, None, **parts)[0].to(v.dtype)
+    # Causal: cache-sized pieces chained through the state, which is exact (chaining equals
+    # one call) and keeps every temporary small; only the output is assembled at full size.
+    state = initial_state
+    outs = []
+    masks = [None] * -(-n // PIECE_TOKENS) if mask is None else mask.split(PIECE_TOKENS, 1)
+    for q_piece, k_piece, v_piece, mask_piece in zip(
+        q.split(PIECE_TOKENS, 2), k.split(PIECE_TOKENS, 2), v.split(PIECE_TOKENS, 2), masks,
+        strict=True,
+    ):
+        out, state = _lln_diag_piece(q_piece, k_piece, v_piece, mask_piece, state, **parts)
+        outs.append(out)
+    out = (torch.cat(outs, 2) if len(outs) > 1 else outs[0]).to(v.dtype)
+    return (out, state) if output_final_state else out
+
+
+def _lln_diag_piece(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    state: LLNState | None,
+    *,
+    is_causal: bool,
+    alpha: float | Tensor | None,
+    beta: float | Tensor | None,
+    stats: str,
+    temperature: float,
+    eps: float,
+    chunk_size: int,
+    block_size: int,
+    scale: float,
+    lln_weight: Tensor,
+    diag_weight: Tensor,
+) -> tuple[Tensor, LLNState | None]:
+    """LLN+Diag of one piece on validated inputs, continuing ``state`` when causal.
+
+    Returns the output in the compute dtype and (causal) the state after the piece.
+    """
+    b, h, n, d = q.shape
+    lln_out, new_state = lln_forward(
         q, k, v, is_causal=is_causal, mask=mask, alpha=alpha, beta=beta, stats=stats,
-        temperature=temperature, eps=eps, chunk_size=chunk_size, state=initial_state,
+        temperature=temperature, eps=eps, chunk_size=chunk_size, state=state,
         block_size=block_size,
     )
-
     # The diagonal part of a continued sequence: prepend the unfinished block so that the
     # input starts on a block boundary, then drop the outputs of the prepended tokens.
-    carried = 0 if initial_state is None else initial_state.position % block_size
-    qd, kd, vd, maskd = q, k, v, mask
+    carried = 0 if state is None else state.position % block_size
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
     if carried:
-        real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
-        qd = torch.cat([q.new_zeros(b, h, carried, q.shape[-1]), q], 2)
-        kd = torch.cat([initial_state.block_k.to(k.dtype), k], 2)
-        vd = torch.cat([initial_state.block_v.to(v.dtype), v], 2)
-        maskd = torch.cat([initial_state.block_mask, real], 1)
+        q = torch.cat([q.new_zeros(b, h, carried, d), q], 2)
+        k = torch.cat([state.block_k.to(k.dtype), k], 2)
+        v = torch.cat([state.block_v.to(v.dtype), v], 2)
+        real = torch.cat([state.block_mask, real], 1)
+        mask = real
     diag_out = block_diag_forward(
-        qd, kd, vd, maskd, block_size=block_size, is_causal=is_causal, scale=scale
+        q, k, v, mask, block_size=block_size, is_causal=is_causal, scale=scale
     )[:, :, carried:]
-
-    out = (lln_w * lln_out + diag_w * diag_out).to(v.dtype)
-    if not output_final_state:
-        return out
-    total = carried + n
-    tail = total % block_size
-    start = total - tail
-    real = torch.ones(b, total, dtype=torch.bool, device=q.device) if maskd is None else maskd
-    state.block_size = block_size
-    state.block_k = kd[:, :, start:]
-    state.block_v = vd[:, :, start:]
-    state.block_mask = real[:, start:]
-    return out, state
+    out = torch.addcmul(lln_weight * lln_out, diag_weight, diag_out)
+    if new_state is not None:
+        start = (carried + n) // block_size * block_size  # first token of the unfinished block
+        new_state.block_k = k[:, :, start:]
+        new_state.block_v = v[:, :, start:]
+        new_state.block_mask = real[:, start:]
+    return out, new_state

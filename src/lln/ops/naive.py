@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._validation import check_key_padding_mask, check_positive_int, check_qkv, compute_dtype
 from .block_diag import masked_softmax
-from .lln import check_lln_args, scaled_qk
+from .lln import check_lln_args, feature_scales
 
 #: Query rows per step of the log-space oracle (bounds its memory to rows * S * D numbers).
 _ORACLE_ELEMENTS = 1 << 24
@@ -57,10 +57,12 @@ def lln_attention_matrix(
         beta=beta, stats=stats, temperature=temperature, eps=0.0, chunk_size=1,
         initial_state=None, output_final_state=False, block_size=None,
     )
-    qs, ks, _ = scaled_qk(
+    alpha_t, beta_t, _ = feature_scales(
         q, k, is_causal=is_causal, key_padding_mask=mask, alpha=alpha, beta=beta,
         stats=stats, temperature=temperature,
     )
+    cdt = compute_dtype(q.dtype)
+    qs, ks = q.to(cdt) * alpha_t, k.to(cdt) * beta_t
     n_q, n_k, d = qs.shape[2], ks.shape[2], qs.shape[3]
     rows = max(1, _ORACLE_ELEMENTS // (n_k * d * qs.shape[0] * qs.shape[1]))
     logits = torch.cat(
