@@ -16,7 +16,8 @@ Which entries enter sigma_q, sigma_k is the ``stats`` mode:
 ``"head"``     the entries of one sequence and one head: shape ``(B, H, ., 1)`` (default).
 
 Variances are unbiased (Bessel's correction, like ``torch.std``) and padded tokens are left
-out. In causal mode the statistics of token ``t`` use tokens ``<= t`` only (prefix
+out (from the query statistics too when q and k have the same length, i.e. in
+self-attention). In causal mode the statistics of token ``t`` use tokens ``<= t`` only (prefix
 statistics), so alpha and beta are per token: shape ``(B, ., N, 1)``. The prefix sums live
 in :class:`PrefixMoments` so that a sequence processed in pieces gets the same scales.
 
@@ -162,7 +163,10 @@ def moment_match_with_moments(
     """
     cdt = compute_dtype(q.dtype)
     if not is_causal:
-        var_q = _whole_variance(q, key_padding_mask, stats)
+        # In self-attention a padded token is padding as a query too; in cross-attention
+        # (L != S) the mask describes the keys only.
+        q_mask = key_padding_mask if q.shape[2] == k.shape[2] else None
+        var_q = _whole_variance(q, q_mask, stats)
         var_k = _whole_variance(k, key_padding_mask, stats)
         alpha, beta = scales_from_variances(var_q, var_k, temperature=temperature, a=a, b=b)
         return alpha.to(cdt), beta.to(cdt), None
