@@ -12,6 +12,7 @@ Functional API (tensors ``(batch, heads, seq, dim)`` as in
 Layers: :class:`lln.LLNAttention`, a drop-in for ``nn.MultiheadAttention(batch_first=True)``.
 """
 
+from .layers import LLNAttention
 from .ops import (
     MOMENT_A,
     MOMENT_B,
@@ -30,6 +31,7 @@ from .ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLNAttention",
     "MOMENT_A",
     "MOMENT_B",
     "STATS_MODES",

@@ -117,6 +117,19 @@ def _whole_variance(x: Tensor, mask: Tensor | None, stats: str) -> Tensor:
     return torch.where(count > 0, var, torch.ones_like(var))
 
 
+@torch.no_grad()
+def head_variances(x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    """Unbiased variance of the entries of each head over the whole batch: shape ``(H,)``.
+
+    ``x (B, H, N, D)``; padded tokens (``key_padding_mask`` False) are left out. Used for
+    running statistics (``LLNAttention(stats="running")``) and calibration.
+    """
+    b, h, n, d = x.shape
+    per_head = x.transpose(0, 1).reshape(1, h, b * n, d)
+    mask = None if key_padding_mask is None else key_padding_mask.reshape(1, b * n)
+    return _whole_variance(per_head, mask, "head").view(h)
+
+
 def _prefix_variance(
     x: Tensor, mask: Tensor | None, stats: str, total: Tensor, sq_total: Tensor, count0: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

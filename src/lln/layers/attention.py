@@ -1,0 +1,227 @@
+"""``LLNAttention``: multi-head self-attention with LLN (or LLN+Diag) inside.
+
+A thin module over :func:`lln.lln_attention` / :func:`lln.lln_diag_attention`: q/k/v/out
+projections plus the choice of statistics and of how the two parts are combined. Its
+``forward`` mirrors ``nn.MultiheadAttention(batch_first=True)`` for self-attention, so it can
+replace one; like that class, ``key_padding_mask`` here is True where a token is *padding*
+(the functional API uses the SDPA / Hugging Face convention, True = real token).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import (
+    LLNState,
+    lln_attention,
+    lln_attention_matrix,
+    lln_diag_attention,
+    lln_diag_attention_matrix,
+)
+from ..ops.moment_matching import head_variances, scales_from_variances
+
+COMBINE_MODES = ("average", "scale", "ratio")
+STATS_MODES = ("batch", "running", "fixed")
+
+
+class LLNAttention(nn.Module):
+    """Multi-head self-attention with Linear Log-Normal attention, linear in sequence length.
+
+    Args:
+        embed_dim: model width E (split into ``num_heads`` heads of ``E // num_heads``).
+        num_heads: number of heads H.
+        bias: biases in the projections.
+        is_causal: causal self-attention (strictly causal; supports state chaining).
+        diag: add block-diagonal softmax attention (LLN+Diag, the paper's best variant).
+        block_size: diagonal block size (default: the head dim).
+        combine: how LLN and Diag are joined: ``"average"`` (0.5 each), ``"scale"``
+            (learnable r, p of shape (1, H, 1, head_dim), init 0.5: ``r*LLN + p*Diag``) or
+            ``"ratio"`` (learnable r: ``r*LLN + (1-r)*Diag``).
+        stats: where the moment-matching statistics come from: ``"batch"`` (each sequence's
+            own, per head; prefix statistics when causal), ``"running"`` (batch statistics in
+            training, tracked per head as an exponential moving average in the buffers
+            ``running_var_q/k``; those are used in eval — like BatchNorm) or ``"fixed"``
+            (always the buffers, e.g. after calibration on real data).
+        momentum: EMA factor of the running statistics.
+        temperature: divides the moment-matched sigma_tilde (> 1 flattens attention).
+        chunk_size: chunk length of the causal kernel.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        bias: bool = True,
+        is_causal: bool = False,
+        diag: bool = True,
+        block_size: int | None = None,
+        combine: str = "average",
+        stats: str = "batch",
+        momentum: float = 0.1,
+        temperature: float = 1.0,
+        chunk_size: int = 64,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+        if stats not in STATS_MODES:
+            raise ValueError(f"stats must be one of {STATS_MODES}, got {stats!r}")
+        if combine != "average" and not diag:
+            raise ValueError(f"combine={combine!r} needs diag=True")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.is_causal, self.diag, self.block_size = is_causal, diag, block_size
+        self.combine, self.stats, self.momentum = combine, stats, momentum
+        self.temperature, self.chunk_size = temperature, chunk_size
+        self.batch_first = True  # what nn.MultiheadAttention users check
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        weight_shape = (1, num_heads, 1, self.head_dim)
+        if combine == "scale":
+            self.lln_scale = nn.Parameter(torch.full(weight_shape, 0.5, **factory))
+            self.diag_scale = nn.Parameter(torch.full(weight_shape, 0.5, **factory))
+        elif combine == "ratio":
+            self.ratio = nn.Parameter(torch.full(weight_shape, 0.5, **factory))
+        stat_kw = {"device": device, "dtype": torch.float32}
+        self.register_buffer("running_var_q", torch.ones(num_heads, **stat_kw))
+        self.register_buffer("running_var_k", torch.ones(num_heads, **stat_kw))
+        self.register_buffer(
+            "num_batches_tracked", torch.zeros((), dtype=torch.long, device=device)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"is_causal={self.is_causal}, diag={self.diag}, combine={self.combine!r}, "
+            f"stats={self.stats!r}, temperature={self.temperature}"
+        )
+
+    def reset_running_stats(self) -> None:
+        self.running_var_q.fill_(1.0)
+        self.running_var_k.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _weights(self) -> tuple[float | Tensor, float | Tensor]:
+        if self.combine == "scale":
+            return self.lln_scale, self.diag_scale
+        if self.combine == "ratio":
+            return self.ratio, 1 - self.ratio
+        return 0.5, 0.5
+
+    def _scales(self, q: Tensor, k: Tensor, real: Tensor | None) -> tuple[Tensor | None, ...]:
+        """alpha, beta to pass on (None = per-sequence moment matching in the op)."""
+        if self.stats == "running" and self.training:
+            with torch.no_grad():
+                m = self.momentum
+                self.running_var_q.lerp_(head_variances(q, real).float(), m)
+                self.running_var_k.lerp_(head_variances(k, real).float(), m)
+                self.num_batches_tracked += 1
+        if self.stats == "batch" or (self.stats == "running" and self.training):
+            return None, None
+        shape = (1, self.num_heads, 1, 1)
+        return scales_from_variances(
+            self.running_var_q.view(shape), self.running_var_k.view(shape),
+            temperature=self.temperature,
+        )
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        *,
+        initial_state: LLNState | None = None,
+        output_final_state: bool = False,
+    ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, LLNState]:
+        """Self-attention over ``query (B, N, E)``.
+
+        ``key`` and ``value`` may be omitted or be ``query`` itself (self-attention only).
+        ``key_padding_mask (B, N)`` bool: True = padding (``nn.MultiheadAttention``'s
+        convention). ``attn_mask`` is accepted only as the causal mask together with
+        ``is_causal=True`` (LLN cannot apply an arbitrary N x N mask in linear time).
+        ``need_weights=True`` also returns the explicit attention matrix ``(B, N, N)``
+        (averaged over heads) or ``(B, H, N, N)`` — quadratic, for analysis only.
+
+        Returns ``(out (B, N, E), weights or None)``, plus the state when
+        ``output_final_state`` (causal only).
+        """
+        for name, other in (("key", key), ("value", value)):
+            if other is not None and other is not query:
+                raise ValueError(f"LLNAttention is self-attention: {name} must be None or query")
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"query must have shape (batch, seq, {self.embed_dim}), got {tuple(query.shape)}"
+            )
+        causal = self.is_causal or is_causal
+        if attn_mask is not None and not causal:
+            raise ValueError(
+                "attn_mask is only accepted as the causal mask (with is_causal=True); LLN "
+                "cannot apply an arbitrary attention mask"
+            )
+        real = None
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool:
+                raise TypeError(
+                    f"key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}"
+                )
+            real = ~key_padding_mask
+        q, k, v = (self._split_heads(p(query)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        alpha, beta = self._scales(q, k, real)
+        common = dict(
+            is_causal=causal, key_padding_mask=real, alpha=alpha, beta=beta, stats="head",
+            temperature=self.temperature, chunk_size=self.chunk_size,
+            initial_state=initial_state, output_final_state=output_final_state,
+        )
+        lln_w, diag_w = self._weights()
+        if self.diag:
+            result = lln_diag_attention(
+                q, k, v, block_size=self.block_size, lln_weight=lln_w, diag_weight=diag_w,
+                **common,
+            )
+        else:
+            result = lln_attention(q, k, v, **common)
+        out, state = result if output_final_state else (result, None)
+        b, _, n, _ = out.shape
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
+        weights = None
+        if need_weights:
+            weights = self._attention_matrix(q, k, real, causal, alpha, beta).to(query.dtype)
+            weights = weights.mean(1) if average_attn_weights else weights
+        return (out, weights, state) if output_final_state else (out, weights)
+
+    @torch.no_grad()
+    def _attention_matrix(self, q, k, real, causal, alpha, beta) -> Tensor:
+        if self.combine != "average":
+            raise ValueError(
+                f"need_weights=True needs combine='average': with combine={self.combine!r} "
+                "the output mixes channels differently, so it has no single attention matrix"
+            )
+        common = dict(
+            is_causal=causal, key_padding_mask=real, alpha=alpha, beta=beta, stats="head",
+            temperature=self.temperature,
+        )
+        if self.diag:
+            return lln_diag_attention_matrix(q, k, block_size=self.block_size, **common)
+        return lln_attention_matrix(q, k, **common)
