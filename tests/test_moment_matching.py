@@ -50,7 +50,9 @@ def test_prefix_statistics_are_causal_and_end_at_the_full_ones():
     torch.testing.assert_close(alpha_c[:, :, -1:], alpha)
     torch.testing.assert_close(beta_c[:, :, -1:], beta)
     for t in (5, 17):
-        head = lln.moment_match(q[:, :, : t + 1], k[:, :, : t + 1], key_padding_mask=mask[:, : t + 1])
+        head = lln.moment_match(
+            q[:, :, : t + 1], k[:, :, : t + 1], key_padding_mask=mask[:, : t + 1]
+        )
         torch.testing.assert_close(alpha_c[:, :, t : t + 1], head[0])
 
 

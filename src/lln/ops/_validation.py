@@ -54,7 +54,9 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool) -> None:
             f"v must have as many tokens as k ({n_k}), got v {tuple(v.shape)}"
         )
     if n_q == 0 or n_k == 0:
-        raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(
+            f"sequence length must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     if d == 0 or v.shape[3] == 0:
         raise ValueError(f"head dims must be >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     if same_length and n_q != n_k:

@@ -20,7 +20,6 @@ from ._validation import (
     compute_dtype,
 )
 
-
 #: Tokens per segment of the block-diagonal path (rounded to whole blocks).
 SEGMENT_TOKENS = 1024
 

@@ -294,7 +294,9 @@ def _causal_segment(
     inject = inject.permute(2, 0, 1, 3).unsqueeze(-1).contiguous()
     kv = torch.cat([kv, k_sum.unsqueeze(-1)], -1)
     kv_before = []
-    for kv_n, decay_n, inject_n in zip(kv_loc.unbind(0), decay.unbind(0), inject.unbind(0), strict=True):
+    for kv_n, decay_n, inject_n in zip(
+        kv_loc.unbind(0), decay.unbind(0), inject.unbind(0), strict=True
+    ):
         kv_before.append(kv)
         kv = torch.addcmul(kv * decay_n, kv_n, inject_n)
     kv_before = torch.stack(kv_before, 2)  # (B, H, nC, D, Dv + 1)
