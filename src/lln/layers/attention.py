@@ -25,6 +25,25 @@ COMBINE_MODES = ("average", "scale", "ratio")
 STATS_MODES = ("batch", "running", "fixed")
 
 
+def _real_tokens(key_padding_mask: Tensor) -> Tensor:
+    """``nn.MultiheadAttention``'s padding mask (bool True = padding, or float 0 / -inf) as
+    the functional API's mask (True = real token)."""
+    if key_padding_mask.dtype == torch.bool:
+        return ~key_padding_mask
+    if key_padding_mask.is_floating_point():
+        real = key_padding_mask == 0
+        if not bool((real | (key_padding_mask == float("-inf"))).all()):
+            raise ValueError(
+                "a float key_padding_mask must hold only 0 (attend) and -inf (padding); LLN "
+                "cannot add arbitrary biases to its scores"
+            )
+        return real
+    raise TypeError(
+        f"key_padding_mask must be bool (True = padding) or float (0 / -inf), got "
+        f"{key_padding_mask.dtype}"
+    )
+
+
 class LLNAttention(nn.Module):
     """Multi-head self-attention with Linear Log-Normal attention, linear in sequence length.
 
@@ -130,8 +149,9 @@ class LLNAttention(nn.Module):
         if self.stats == "running" and self.training:
             with torch.no_grad():
                 m = self.momentum
-                self.running_var_q.lerp_(head_variances(q, real).float(), m)
-                self.running_var_k.lerp_(head_variances(k, real).float(), m)
+                buffer_dtype = self.running_var_q.dtype  # follows module.to(dtype)
+                self.running_var_q.lerp_(head_variances(q, real).to(buffer_dtype), m)
+                self.running_var_k.lerp_(head_variances(k, real).to(buffer_dtype), m)
                 self.num_batches_tracked += 1
         if self.stats == "batch" or (self.stats == "running" and self.training):
             return None, None
@@ -180,13 +200,12 @@ class LLNAttention(nn.Module):
                 "attn_mask is only accepted as the causal mask (with is_causal=True); LLN "
                 "cannot apply an arbitrary attention mask"
             )
-        real = None
-        if key_padding_mask is not None:
-            if key_padding_mask.dtype != torch.bool:
-                raise TypeError(
-                    f"key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}"
-                )
-            real = ~key_padding_mask
+        if need_weights and initial_state is not None:
+            raise ValueError(
+                "need_weights=True cannot be combined with initial_state: the matrix would "
+                "cover only the current piece"
+            )
+        real = None if key_padding_mask is None else _real_tokens(key_padding_mask)
         q, k, v = (self._split_heads(p(query)) for p in (self.q_proj, self.k_proj, self.v_proj))
         alpha, beta = self._scales(q, k, real)
         common = dict(
