@@ -121,8 +121,7 @@ def check_lln_args(
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if (alpha is None) != (beta is None):
         raise ValueError("alpha and beta must be given together (or both None for moment matching)")
-    if alpha is None:
-        check_stats_mode(stats, is_causal=is_causal)
+    check_stats_mode(stats, is_causal=is_causal and alpha is None)
     check_positive_float(temperature, "temperature")
     check_nonnegative_float(eps, "eps")
     check_positive_int(chunk_size, "chunk_size")
@@ -204,9 +203,9 @@ def _causal(
 
     Known limit: inside a chunk the offsets are scalars per token (they must not look
     ahead), so a query misaligned by more than the float range with every visible key's
-    largest feature loses all its terms. That needs feature exponents far beyond moment
-    matching (sigma_tilde ~ 16 at sigma = 3); it is reported with a RuntimeWarning rather
-    than returned silently.
+    largest feature loses all its terms. In float32 that starts around sigma_tilde ~ 40,
+    which moment matching reaches at input std ~ 4-5 (sigma = 3 gives 16 and is tested);
+    it is reported with a RuntimeWarning rather than returned silently.
     """
     segment = chunk_size * SEGMENT_CHUNKS
     kv, k_sum, k_max = state.kv, state.k_sum, state.k_max

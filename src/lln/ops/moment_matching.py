@@ -27,6 +27,7 @@ beta are normalisation constants, not functions to differentiate through.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +108,9 @@ def _whole_variance(x: Tensor, mask: Tensor | None, stats: str) -> Tensor:
     dims = {"tensor": (0, 1, 2, 3), "sequence": (1, 2, 3), "head": (2, 3)}[stats]
     x = x.to(compute_dtype(x.dtype))
     if mask is None:
-        return x.var(dim=dims, keepdim=True, correction=1)
+        count = math.prod(x.shape[d] for d in dims)
+        # one entry has no spread: variance 0 (floored later), not NaN
+        return x.var(dim=dims, keepdim=True, correction=1 if count > 1 else 0)
     w = mask[:, None, :, None].to(x.dtype)  # (B, 1, N, 1)
     count = w.expand(x.shape[0], x.shape[1], -1, -1).sum(dims, keepdim=True) * x.shape[3]
     xm = torch.where(mask[:, None, :, None], x, 0.0)
@@ -226,6 +229,8 @@ def moment_match(
     check_stats_mode(stats, is_causal=is_causal)
     temperature = check_positive_float(temperature, "temperature")
     check_positive_float(a, "a")
+    if not math.isfinite(b):
+        raise ValueError(f"b must be a finite float, got {b!r}")
     alpha, beta, _ = moment_match_with_moments(
         q, k, stats=stats, is_causal=is_causal, key_padding_mask=mask,
         temperature=temperature, a=a, b=b,

@@ -121,7 +121,8 @@ def lln_diag_attention_matrix(
 ) -> Tensor:
     """``lln_weight * P_lln + diag_weight * P_diag`` (scalar weights), ``(B, H, N, N)``.
 
-    With the default weights (0.5, 0.5) the result is row-stochastic.
+    With the default weights (0.5, 0.5) every row that sees a real key in both parts sums
+    to 1; a row whose diagonal block holds no real key keeps only its LLN half (0.5).
     """
     p_lln = lln_attention_matrix(
         q, k, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha, beta=beta,
