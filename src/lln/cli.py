@@ -1,29 +1,37 @@
-"""The ``lln`` command line. ``lln --help`` lists the subcommands."""
+"""The ``lln`` command line. ``lln --help`` lists the subcommands.
+
+Each subcommand lives in its own module, which defines ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args)``; heavy imports happen inside ``run`` so that
+``lln --help`` stays fast. Add a command by adding one line to :data:`COMMANDS`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+
+#: subcommand name -> module implementing it.
+COMMANDS: dict[str, str] = {
+    "demo": "lln.demo",
+}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lln", description="Linear Log-Normal attention: demos and tools."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo", help="LLN+Diag vs softmax attention on random data: agreement, time, memory"
-    )
-    demo.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192],
-                      help="sequence lengths to time (default: 1024 4096 8192)")
-    demo.add_argument("--heads", type=int, default=12)
-    demo.add_argument("--dim", type=int, default=64, help="head dim")
-    demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
 
-    if args.command == "demo":
-        from .demo import run_demo
 
-        run_demo(tuple(args.lengths), heads=args.heads, dim=args.dim, seed=args.seed)
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args._run(args)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,18 @@ def run_demo(
         (t_lln, m_lln), (t_sdpa, m_sdpa) = min(runs_lln), min(runs_sdpa)
         print(f"   {n:>6} {t_lln:>9.3f}s {t_sdpa:>9.3f}s {t_sdpa / t_lln:>8.1f}x   "
               f"{m_lln / 2**20:>12.0f} MiB {m_sdpa / 2**20:>7.0f} MiB")
+
+
+HELP = "LLN+Diag vs softmax attention on random data: agreement, time, memory"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192],
+                        help="sequence lengths to time (default: 1024 4096 8192)")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--dim", type=int, default=64, help="head dim")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> None:
+    run_demo(tuple(args.lengths), heads=args.heads, dim=args.dim, seed=args.seed)

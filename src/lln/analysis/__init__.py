@@ -1,0 +1,1 @@
+"""Concentration instruments (entropy, spectral gap, log-normality), sweeps and calibration."""

@@ -1,0 +1,1 @@
+"""Datasets and text sets, generated locally or read from installed packages (no downloads)."""

@@ -1,0 +1,1 @@
+"""Hugging Face transformers integration: attention registration, conversion, O(1) cache."""

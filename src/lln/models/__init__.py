@@ -1,0 +1,1 @@
+"""Models with a pluggable attention: encoder classifier and causal decoder LM."""

