@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import (
@@ -49,6 +50,8 @@ def block_diag_forward(
     Runs over segments of whole blocks (about ``SEGMENT_TOKENS`` tokens) so that temporaries
     stay cache-sized. Returns ``(B, H, N, Dv)`` in the compute dtype.
     """
+    if mask is None:
+        return _block_diag_sdpa(q, k, v, block_size, is_causal, scale)
     segment = block_size * max(1, SEGMENT_TOKENS // block_size)
     if q.shape[2] <= segment:
         return _block_diag_segment(q, k, v, mask, block_size, is_causal, scale)
@@ -62,6 +65,29 @@ def block_diag_forward(
         ],
         2,
     )
+
+
+def _block_diag_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, block_size: int, is_causal: bool, scale: float
+) -> Tensor:
+    """Without padding: the whole blocks as the batch of one fused SDPA call (flash kernel,
+    no (N, block) score tensor kept for backward), the last partial block as another."""
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    cdt = compute_dtype(q.dtype)
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    whole = n // block_size * block_size
+    sizes = [size for size in (whole, n - whole) if size]
+    outs = []
+    for qp, kp, vp in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2), strict=True):
+        size = min(block_size, qp.shape[2])
+        blocks = (b * h, qp.shape[2] // size, size)
+        out = F.scaled_dot_product_attention(
+            qp.reshape(*blocks, d), kp.reshape(*blocks, d), vp.reshape(*blocks, dv),
+            is_causal=is_causal, scale=scale,
+        )
+        outs.append(out.reshape(b, h, qp.shape[2], dv))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
 
 def _block_diag_segment(

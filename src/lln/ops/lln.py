@@ -274,48 +274,51 @@ def _causal_segment(
         decay = torch.exp(max_before - max_after).nan_to_num(0.0)  # both -inf -> 0 (empty)
         inject = torch.exp(chunk_max - max_after).nan_to_num(0.0)
 
-    # Values get a column of ones, so one matmul yields numerator and denominator together.
-    v_one = torch.cat([vc, vc.new_ones(b, h, n_chunks, c, 1)], -1)  # (B, H, nC, C, Dv + 1)
-
-    # intra-chunk part, all chunks at once
+    # intra-chunk part, all chunks at once. Numerators and denominators are kept apart (a
+    # column of ones appended to v would make the matmuls 65 wide, ~2.5x slower on CPU).
     q_hat = torch.exp(qc - q_max.unsqueeze(-1))
     k_hat = torch.exp((kc - _finite_or_zero(row_max).unsqueeze(-1)).masked_fill(~key_real, NEG_INF))
-    intra = ((q_hat @ k_hat.transpose(-1, -2)) * e) @ v_one
+    weights = (q_hat @ k_hat.transpose(-1, -2)) * e  # (B, H, nC, C, C)
+    intra_num, intra_den = weights @ vc, weights.sum(-1)
     log_scale_intra = q_max + run_max  # -inf where no key is visible yet
 
     # chunk summaries relative to each chunk's own per-dim max, then the carried state
     k_loc = torch.exp(
         (kc - _finite_or_zero(chunk_max).unsqueeze(-2)).masked_fill(~key_real, NEG_INF)
     )
-    # chunk axis first and contiguous: the loop below then works on dense (B, H, D, Dv + 1)
-    kv_loc = (k_loc.transpose(-1, -2) @ v_one).permute(2, 0, 1, 3, 4).contiguous()
-    decay = decay.permute(2, 0, 1, 3).unsqueeze(-1).contiguous()
-    inject = inject.permute(2, 0, 1, 3).unsqueeze(-1).contiguous()
-    kv = torch.cat([kv, k_sum.unsqueeze(-1)], -1)
-    kv_before = []
-    for kv_n, decay_n, inject_n in zip(
-        kv_loc.unbind(0), decay.unbind(0), inject.unbind(0), strict=True
+    # chunk axis first and contiguous: the loop below then works on dense (B, H, D, ...)
+    kv_loc = (k_loc.transpose(-1, -2) @ vc).permute(2, 0, 1, 3, 4).contiguous()
+    ks_loc = k_loc.sum(-2).permute(2, 0, 1, 3).contiguous()
+    decay = decay.permute(2, 0, 1, 3).contiguous()
+    inject = inject.permute(2, 0, 1, 3).contiguous()
+    kv_before, ks_before = [], []
+    for kv_n, ks_n, decay_n, inject_n in zip(
+        kv_loc.unbind(0), ks_loc.unbind(0), decay.unbind(0), inject.unbind(0), strict=True
     ):
         kv_before.append(kv)
-        kv = torch.addcmul(kv * decay_n, kv_n, inject_n)
-    kv_before = torch.stack(kv_before, 2)  # (B, H, nC, D, Dv + 1)
+        ks_before.append(k_sum)
+        kv = torch.addcmul(kv * decay_n.unsqueeze(-1), kv_n, inject_n.unsqueeze(-1))
+        k_sum = torch.addcmul(k_sum * decay_n, ks_n, inject_n)
+    kv_before = torch.stack(kv_before, 2)  # (B, H, nC, D, Dv)
+    ks_before = torch.stack(ks_before, 2).unsqueeze(-1)  # (B, H, nC, D, 1)
 
     # inter-chunk part: queries against the state carried into their chunk
     q_plus = qc + max_before.unsqueeze(-2)  # -inf in dims with no key yet
     with torch.no_grad():
         log_scale_inter = q_plus.amax(-1)  # (B, H, nC, C)
-    inter = torch.exp(q_plus - _finite_or_zero(log_scale_inter).unsqueeze(-1)) @ kv_before
+    q_feat = torch.exp(q_plus - _finite_or_zero(log_scale_inter).unsqueeze(-1))
+    inter_num, inter_den = q_feat @ kv_before, (q_feat @ ks_before).squeeze(-1)
 
     with torch.no_grad():
         top = torch.maximum(log_scale_inter, log_scale_intra)  # finite iff a key is visible
         seen = torch.isfinite(top)
         top = _finite_or_zero(top)
-        w_inter = torch.exp(log_scale_inter - top).unsqueeze(-1)
-        w_intra = torch.exp(log_scale_intra - top).unsqueeze(-1)
-    both = inter * w_inter + intra * w_intra
-    lost = ((both[..., -1].detach() == 0) & seen).sum()
-    out = _safe_divide(both[..., :-1], both[..., -1], eps).reshape(b, h, n_chunks * c, dv)[:, :, :n]
-    kv, k_sum = kv[..., :-1], kv[..., -1]
+        w_inter = torch.exp(log_scale_inter - top)
+        w_intra = torch.exp(log_scale_intra - top)
+    num = torch.addcmul(inter_num * w_inter.unsqueeze(-1), intra_num, w_intra.unsqueeze(-1))
+    den = torch.addcmul(inter_den * w_inter, intra_den, w_intra)
+    lost = ((den.detach() == 0) & seen).sum()
+    out = _safe_divide(num, den, eps).reshape(b, h, n_chunks * c, dv)[:, :, :n]
     return out, kv, k_sum, max_after[:, :, -1], lost
 
 

@@ -132,7 +132,7 @@ def _lln_diag_piece(
         k = torch.cat([state.block_k.to(k.dtype), k], 2)
         v = torch.cat([state.block_v.to(v.dtype), v], 2)
         real = torch.cat([state.block_mask, real], 1)
-        mask = real
+        mask = None if mask is None and bool(real.all()) else real  # None: the fused path
     diag_out = block_diag_forward(
         q, k, v, mask, block_size=block_size, is_causal=is_causal, scale=scale
     )[:, :, carried:]

@@ -45,6 +45,20 @@ MOMENT_A: float = 0.14855178144710912
 #: Intercept of the same fit.
 MOMENT_B: float = -0.35487039130661086
 
+#: Calibrated ``(a, b)`` per head dim D, from ``lln calibrate`` (docs/analysis.md): symmetric
+#: split, N = 512, sigma_lln^2 in [1.3, 18] on a grid uniform in sigma_lln. The paper's
+#: constants (:data:`MOMENT_A`, :data:`MOMENT_B`) stay the default everywhere; use these through
+#: :func:`moment_constants` (e.g. ``moment_match(q, k, constants="head_dim")``).
+MOMENT_CONSTANTS: dict[int, tuple[float, float]] = {
+    16: (0.2135, -0.3613),
+    32: (0.1774, -0.3706),
+    64: (0.1495, -0.3628),
+    128: (0.1254, -0.3425),
+}
+
+#: Where :func:`moment_match` takes (a, b) from: the arguments, or :func:`moment_constants`.
+CONSTANTS_MODES = ("paper", "head_dim")
+
 STATS_MODES = ("tensor", "sequence", "head")
 CAUSAL_STATS_MODES = ("sequence", "head")
 
@@ -73,6 +87,29 @@ class PrefixMoments:
             return torch.zeros(batch, groups, dtype=torch.float64, device=device)
 
         return cls(z(), z(), z(), z(), z())
+
+
+def moment_constants(head_dim: int) -> tuple[float, float]:
+    """Moment-matching constants ``(a, b)`` calibrated for ``head_dim`` (:data:`MOMENT_CONSTANTS`).
+
+    Between two calibrated dims the constants are interpolated linearly in ``log2(D)``;
+    outside the table the nearest calibrated dim is used (the fit has only been checked for
+    16 <= D <= 128).
+    """
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    dims = sorted(MOMENT_CONSTANTS)
+    if head_dim <= dims[0]:
+        return MOMENT_CONSTANTS[dims[0]]
+    if head_dim >= dims[-1]:
+        return MOMENT_CONSTANTS[dims[-1]]
+    upper = next(d for d in dims if d >= head_dim)
+    lower = dims[dims.index(upper) - 1] if upper != head_dim else upper
+    if lower == upper:
+        return MOMENT_CONSTANTS[upper]
+    t = (math.log2(head_dim) - math.log2(lower)) / (math.log2(upper) - math.log2(lower))
+    (a0, b0), (a1, b1) = MOMENT_CONSTANTS[lower], MOMENT_CONSTANTS[upper]
+    return a0 + t * (a1 - a0), b0 + t * (b1 - b0)
 
 
 def check_stats_mode(stats: object, *, is_causal: bool) -> str:
@@ -142,8 +179,11 @@ def _prefix_variance(
     last token, continuing from ``total``, ``sq_total``, ``count0``.
     """
     b, h, n, d = x.shape
-    s1 = x.sum(-1, dtype=torch.float64)  # (B, H, N)
-    s2 = x.to(compute_dtype(x.dtype)).square().sum(-1, dtype=torch.float64)
+    # per-token sums in the compute dtype (one pass each, no full-size float64 copy); the
+    # running sums over tokens, where cancellation happens, are float64
+    xc = x.to(compute_dtype(x.dtype))
+    s1 = xc.sum(-1).double()  # (B, H, N)
+    s2 = torch.linalg.vector_norm(xc, dim=-1).double().square()
     cnt = torch.full((b, 1, n), float(d), dtype=torch.float64, device=x.device)
     if mask is not None:
         m = mask[:, None, :]
@@ -209,6 +249,7 @@ def moment_match(
     temperature: float = 1.0,
     a: float = MOMENT_A,
     b: float = MOMENT_B,
+    constants: str = "paper",
 ) -> tuple[Tensor, Tensor]:
     """Moment-matched LLN feature scales ``(alpha, beta)`` for ``q, k (B, H, N, D)``.
 
@@ -219,6 +260,9 @@ def moment_match(
         key_padding_mask: ``(B, N)`` bool, True = real token; padded tokens are ignored.
         temperature: divides sigma_tilde (higher = flatter attention); 1 = plain matching.
         a, b: the fit ``Var(log P_lln) = a * sigma_lln^2 + b`` (defaults: the D = 64 values).
+        constants: ``"paper"`` (use ``a``, ``b``; default) or ``"head_dim"`` (use
+            :func:`moment_constants` for the head dim of q; ``a``, ``b`` must be left at
+            their defaults).
 
     Returns:
         ``alpha, beta`` of shape ``(B|1, H|1, N|1, 1)`` in float32 (float64 for float64
@@ -228,6 +272,12 @@ def moment_match(
     mask = check_key_padding_mask(key_padding_mask, k)
     check_stats_mode(stats, is_causal=is_causal)
     temperature = check_positive_float(temperature, "temperature")
+    if constants not in CONSTANTS_MODES:
+        raise ValueError(f"constants must be one of {CONSTANTS_MODES}, got {constants!r}")
+    if constants == "head_dim":
+        if (a, b) != (MOMENT_A, MOMENT_B):
+            raise ValueError("pass either constants='head_dim' or explicit a, b, not both")
+        a, b = moment_constants(q.shape[-1])
     check_positive_float(a, "a")
     if not math.isfinite(b):
         raise ValueError(f"b must be a finite float, got {b!r}")
