@@ -13,6 +13,13 @@ import importlib
 #: subcommand name -> module implementing it.
 COMMANDS: dict[str, str] = {
     "demo": "lln.demo",
+    "bench": "lln.bench.command",
+    "train": "lln.train.command",
+    "results": "lln.train.results",
+    "calibrate": "lln.analysis.cli_calibrate",
+    "sweep": "lln.analysis.cli_sweep",
+    "analyze": "lln.analysis.cli_analyze",
+    "convert": "lln.hf.cli",
 }
 
 
@@ -30,8 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args._run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args._run(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+        # bad options or missing optional data/packages: one clear line, not a traceback
+        parser.exit(2, f"lln {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

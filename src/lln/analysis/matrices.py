@@ -1,0 +1,98 @@
+"""The explicit attention matrix of every attention in the library, for the instruments.
+
+Each method goes through :mod:`lln.ops.registry` (``spec.matrix``), so the matrix is built
+with exactly the feature maps, statistics and masks of the fast path. Besides the registry
+names this module adds LLN variants that the paper's analysis compares:
+
+``lln_fixed``      LLN without moment matching, ``alpha = beta = 1``.
+``lln_performer``  the reference code's "Performer" variant, ``alpha = beta = D^(-1/4)``
+                   (the softmax scale ``1/sqrt(D)`` split between queries and keys).
+``lln_dim``        moment-matched LLN with the constants ``(a, b)`` calibrated for the actual
+                   head dim (:func:`lln.ops.moment_matching.moment_constants`) instead of the
+                   paper's D = 64 values; non-causal only.
+
+    >>> p = attention_matrix("softmax", q, k, is_causal=True)     # doctest: +SKIP
+    >>> mean_entropy(p, normalize=True, is_causal=True)           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..ops.moment_matching import moment_constants, moment_match
+from ..ops.naive import lln_attention_matrix
+from ..ops.registry import ATTENTIONS, get_attention
+
+#: Extra LLN variants (name -> description) on top of the registry's methods.
+LLN_VARIANTS: dict[str, str] = {
+    "lln_fixed": "LLN without moment matching, alpha = beta = 1",
+    "lln_performer": "LLN with alpha = beta = D^(-1/4) (the reference code's 'Performer' variant)",
+    "lln_dim": "moment-matched LLN with the head-dim constants (a, b) (non-causal)",
+}
+
+
+def analysis_methods() -> dict[str, str]:
+    """Every method :func:`attention_matrix` accepts, name -> one-line description."""
+    methods = {name: spec.description for name, spec in ATTENTIONS.items() if spec.matrix}
+    methods.update(LLN_VARIANTS)
+    return methods
+
+
+def attention_matrix(
+    method: str,
+    q: Tensor,
+    k: Tensor,
+    *,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    **options,
+) -> Tensor:
+    """The row-stochastic attention matrix of ``method`` on ``q (B, H, L, D)``, ``k (B, H, S, D)``.
+
+    Args:
+        method: a name from :func:`analysis_methods` (registry names such as ``"softmax"``,
+            ``"lln"``, ``"lln_diag"``, ``"elu"``, plus the LLN variants of this module).
+        is_causal: query i sees keys j <= i only.
+        key_padding_mask: ``(B, S)`` bool, True = real token.
+        **options: passed on to the method (e.g. ``temperature`` for LLN, ``block_size`` for
+            LLN+Diag).
+
+    Returns:
+        ``(B, H, L, S)`` weights in the compute dtype (float64 for float64 inputs) with
+        ``matrix @ v`` equal to the method's output.
+
+    Raises:
+        ValueError: unknown method, a method without an explicit matrix, or ``lln_dim`` with
+        ``is_causal=True``.
+    """
+    if method in LLN_VARIANTS:
+        if method == "lln_dim":
+            if is_causal:
+                raise ValueError(
+                    "method 'lln_dim' is non-causal only (lln_attention takes per-sequence "
+                    "alpha, beta); use is_causal=False"
+                )
+            a, b = moment_constants(q.shape[-1])
+            alpha, beta = moment_match(
+                q, k, key_padding_mask=key_padding_mask, a=a, b=b,
+                stats=options.pop("stats", "head"),
+                temperature=options.pop("temperature", 1.0),
+            )
+        else:
+            scale = 1.0 if method == "lln_fixed" else q.shape[-1] ** -0.25
+            alpha, beta = scale, scale
+        return lln_attention_matrix(
+            q, k, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha,
+            beta=beta, **options,
+        )
+    if method not in ATTENTIONS:
+        raise ValueError(
+            f"unknown method {method!r}; valid names: {', '.join(analysis_methods())}"
+        )
+    spec = get_attention(method)
+    if spec.matrix is None:
+        raise ValueError(
+            f"method {method!r} has no explicit attention matrix; valid names: "
+            f"{', '.join(analysis_methods())}"
+        )
+    return spec.matrix(q, k, is_causal=is_causal, key_padding_mask=key_padding_mask, **options)
