@@ -47,7 +47,7 @@ from .state import LLNState
 
 NEG_INF = float("-inf")
 #: Chunks per segment of the causal path (see ``_causal``).
-SEGMENT_CHUNKS = 32
+SEGMENT_CHUNKS = 16
 
 
 def _finite_or_zero(x: Tensor) -> Tensor:
