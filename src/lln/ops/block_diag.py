@@ -78,8 +78,9 @@ def _block_diag_sdpa(
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     whole = n // block_size * block_size
     sizes = [size for size in (whole, n - whole) if size]
+    parts = zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2), strict=True)
     outs = []
-    for qp, kp, vp in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2), strict=True):
+    for qp, kp, vp in [(q, k, v)] if len(sizes) == 1 else parts:  # (no copy in backward)
         size = min(block_size, qp.shape[2])
         blocks = (b * h, qp.shape[2] // size, size)
         out = F.scaled_dot_product_attention(

@@ -213,7 +213,7 @@ def _causal(
 
     def pieces(t: Tensor | None, dim: int) -> list:
         """``t`` split into segments along ``dim``; repeated when it broadcasts there."""
-        if t is None or t.shape[dim] == 1:
+        if t is None or t.shape[dim] == 1 or n_segments == 1:  # (no copy in backward)
             return [t] * n_segments
         return list(t.split(segment, dim))
 
@@ -235,7 +235,7 @@ def _causal(
             RuntimeWarning,
             stacklevel=4,
         )
-    return torch.cat(outs, 2), kv, k_sum, k_max
+    return (outs[0] if n_segments == 1 else torch.cat(outs, 2)), kv, k_sum, k_max
 
 
 def _causal_segment(
@@ -249,51 +249,60 @@ def _causal_segment(
     c = min(chunk_size, n)
     n_chunks = -(-n // c)
     pad = n_chunks * c - n
-    real = torch.ones(b, n, dtype=torch.bool, device=qs.device) if mask is None else mask
+    real = mask
     if pad:
         qs, ks, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (qs, ks, v))
+        if real is None:
+            real = torch.ones(b, n, dtype=torch.bool, device=qs.device)
         real = torch.nn.functional.pad(real, (0, pad), value=False)
     qc = qs.view(b, h, n_chunks, c, d)
     kc = ks.view(b, h, n_chunks, c, d)
     vc = v.view(b, h, n_chunks, c, dv)
-    key_real = real.view(b, 1, n_chunks, c, 1)
+    # without padding nothing needs masking (saves several full passes, forward and backward)
+    key_real = None if real is None else real.view(b, 1, n_chunks, c, 1)
+
+    def mask_keys(x: Tensor) -> Tensor:
+        return x if key_real is None else x.masked_fill(~key_real, NEG_INF)
 
     with torch.no_grad():  # offsets: any value gives the same output, so no gradient
-        k_masked = kc.masked_fill(~key_real, NEG_INF)
+        k_masked = mask_keys(kc)
         row_max = k_masked.amax(-1)  # r_j: (B, H, nC, C), -inf on padded keys
         run_max = row_max.cummax(-1).values  # m_i = max_{j <= i in chunk} r_j
         q_max = qc.amax(-1)  # (B, H, nC, C)
-        causal = torch.ones(c, c, dtype=torch.bool, device=qs.device).tril()
-        log_e = row_max.unsqueeze(-2) - run_max.unsqueeze(-1)  # r_j - m_i: (.., C_i, C_j)
-        visible = causal & torch.isfinite(row_max).unsqueeze(-2)
-        e = torch.exp(torch.where(visible, log_e, NEG_INF))  # <= 1, 0 where not visible
         chunk_max = k_masked.amax(-2)  # per-dim max of each chunk: (B, H, nC, D)
         # running per-dim max before / after each chunk, starting from the state's
         before_and_after = torch.cat([k_max.unsqueeze(2), chunk_max], 2).cummax(2).values
         max_before, max_after = before_and_after[:, :, :-1], before_and_after[:, :, 1:]
         decay = torch.exp(max_before - max_after).nan_to_num(0.0)  # both -inf -> 0 (empty)
         inject = torch.exp(chunk_max - max_after).nan_to_num(0.0)
+        # One log-scale per query for both parts: the larger of the inter-chunk one
+        # (max_d q_id + max_before_d) and the intra-chunk one (max_d q_id + m_i). Every
+        # factor below is then <= 1, and the parts add without rescaling.
+        q_plus = qc + max_before.unsqueeze(-2)  # -inf in dims with no key yet
+        top = torch.maximum(q_plus.amax(-1), q_max + run_max)  # finite iff a key is visible
+        seen = torch.isfinite(top)
+        top = _finite_or_zero(top)
+        inter_offset = max_before.unsqueeze(-2) - top.unsqueeze(-1)  # (B, H, nC, C, D)
+        # intra-chunk weight of key j for query i: exp(r_j + max_d q_id - top_i), j <= i
+        causal = torch.ones(c, c, dtype=torch.bool, device=qs.device).tril()
+        visible = causal if key_real is None else causal & torch.isfinite(row_max).unsqueeze(-2)
+        e = row_max.unsqueeze(-2) + (q_max - top).unsqueeze(-1)  # (.., C_i, C_j)
+        e = e.masked_fill_(~visible, NEG_INF).exp_()  # 0 where not visible
 
     # intra-chunk part, all chunks at once. Numerators and denominators are kept apart (a
     # column of ones appended to v would make the matmuls 65 wide, ~2.5x slower on CPU).
     q_hat = torch.exp(qc - q_max.unsqueeze(-1))
-    k_hat = torch.exp((kc - _finite_or_zero(row_max).unsqueeze(-1)).masked_fill(~key_real, NEG_INF))
+    k_hat = torch.exp(mask_keys(kc - _finite_or_zero(row_max).unsqueeze(-1)))
     weights = (q_hat @ k_hat.transpose(-1, -2)) * e  # (B, H, nC, C, C)
     intra_num, intra_den = weights @ vc, weights.sum(-1)
-    log_scale_intra = q_max + run_max  # -inf where no key is visible yet
 
     # chunk summaries relative to each chunk's own per-dim max, then the carried state
-    k_loc = torch.exp(
-        (kc - _finite_or_zero(chunk_max).unsqueeze(-2)).masked_fill(~key_real, NEG_INF)
-    )
-    # chunk axis first and contiguous: the loop below then works on dense (B, H, D, ...)
-    kv_loc = (k_loc.transpose(-1, -2) @ vc).permute(2, 0, 1, 3, 4).contiguous()
-    ks_loc = k_loc.sum(-2).permute(2, 0, 1, 3).contiguous()
-    decay = decay.permute(2, 0, 1, 3).contiguous()
-    inject = inject.permute(2, 0, 1, 3).contiguous()
+    k_loc = torch.exp(mask_keys(kc - _finite_or_zero(chunk_max).unsqueeze(-2)))
+    kv_loc = k_loc.transpose(-1, -2) @ vc  # (B, H, nC, D, Dv)
+    ks_loc = k_loc.sum(-2)  # (B, H, nC, D)
     kv_before, ks_before = [], []
     for kv_n, ks_n, decay_n, inject_n in zip(
-        kv_loc.unbind(0), ks_loc.unbind(0), decay.unbind(0), inject.unbind(0), strict=True
+        kv_loc.unbind(2), ks_loc.unbind(2), decay.unbind(2), inject.unbind(2), strict=True
     ):
         kv_before.append(kv)
         ks_before.append(k_sum)
@@ -303,20 +312,9 @@ def _causal_segment(
     ks_before = torch.stack(ks_before, 2).unsqueeze(-1)  # (B, H, nC, D, 1)
 
     # inter-chunk part: queries against the state carried into their chunk
-    q_plus = qc + max_before.unsqueeze(-2)  # -inf in dims with no key yet
-    with torch.no_grad():
-        log_scale_inter = q_plus.amax(-1)  # (B, H, nC, C)
-    q_feat = torch.exp(q_plus - _finite_or_zero(log_scale_inter).unsqueeze(-1))
-    inter_num, inter_den = q_feat @ kv_before, (q_feat @ ks_before).squeeze(-1)
-
-    with torch.no_grad():
-        top = torch.maximum(log_scale_inter, log_scale_intra)  # finite iff a key is visible
-        seen = torch.isfinite(top)
-        top = _finite_or_zero(top)
-        w_inter = torch.exp(log_scale_inter - top)
-        w_intra = torch.exp(log_scale_intra - top)
-    num = torch.addcmul(inter_num * w_inter.unsqueeze(-1), intra_num, w_intra.unsqueeze(-1))
-    den = torch.addcmul(inter_den * w_inter, intra_den, w_intra)
+    q_feat = torch.exp(qc + inter_offset)
+    num = q_feat @ kv_before + intra_num
+    den = (q_feat @ ks_before).squeeze(-1) + intra_den
     lost = ((den.detach() == 0) & seen).sum()
     out = _safe_divide(num, den, eps).reshape(b, h, n_chunks * c, dv)[:, :, :n]
     return out, kv, k_sum, max_after[:, :, -1], lost

@@ -84,10 +84,11 @@ def lln_diag_attention(
     state = initial_state
     outs = []
     masks = [None] * -(-n // PIECE_TOKENS) if mask is None else mask.split(PIECE_TOKENS, 1)
-    for q_piece, k_piece, v_piece, mask_piece in zip(
+    pieces = zip(
         q.split(PIECE_TOKENS, 2), k.split(PIECE_TOKENS, 2), v.split(PIECE_TOKENS, 2), masks,
         strict=True,
-    ):
+    )
+    for q_piece, k_piece, v_piece, mask_piece in [(q, k, v, mask)] if n <= PIECE_TOKENS else pieces:
         out, state = _lln_diag_piece(q_piece, k_piece, v_piece, mask_piece, state, **parts)
         outs.append(out)
     out = (torch.cat(outs, 2) if len(outs) > 1 else outs[0]).to(v.dtype)
