@@ -1,0 +1,281 @@
+"""``lln results``: run (or collect) the grid attention x task x seed and tabulate it.
+
+Every run lives in ``OUT/runs/TASK/ATTN/seedS`` and is executed by ``lln train ... --resume``
+in a fresh subprocess (so its peak memory is its own). A run whose ``summary.json`` exists
+is complete and never re-run; an interrupted one resumes from its checkpoint. So the grid
+can be stopped and continued across sessions, and ``--collect-only`` just re-tabulates.
+
+Outputs in ``OUT``: ``results.md`` (mean ± std over seeds of the test metric, median step
+time and peak RSS per attention x task), ``results.json`` (every summary) and
+``curves.png`` (validation metric vs step, mean over seeds). ``--doc PATH`` also replaces
+the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` in PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+HELP = "run or collect the training grid (attention x task x seed) into tables and curves"
+
+DEFAULT_ATTNS = ("softmax", "lln", "lln_diag", "elu", "performer", "cosformer", "nystrom")
+DEFAULT_TASKS = ("listops", "bbc", "shakespeare", "mqar")
+#: Tasks trained with a causal decoder (attentions without causal support are "n/a").
+CAUSAL_TASKS = ("shakespeare", "mqar")
+#: Metrics where lower is better.
+LOWER_IS_BETTER = ("bits_per_byte",)
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attns", nargs="+", default=list(DEFAULT_ATTNS))
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--out", default="results/train")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="do not train: tabulate the runs already in OUT")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs in parallel (each a subprocess)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: cores // jobs)")
+    parser.add_argument("--doc", default=None,
+                        help=f"also write the tables between {START} and {END} in this file")
+    parser.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument passed to every `lln train` (repeatable, e.g. "
+                             "--train-arg=--steps=20)")
+
+
+def run_dir(out: Path, task: str, attn: str, seed: int) -> Path:
+    return out / "runs" / task / attn / f"seed{seed}"
+
+
+def applicable(attn: str, task: str) -> bool:
+    """False where the attention cannot run the task (no causal support on a causal task)."""
+    from ..ops.registry import get_attention
+
+    return task not in CAUSAL_TASKS or get_attention(attn).supports_causal
+
+
+def train_command(task: str, attn: str, seed: int, args: argparse.Namespace, folder: Path):
+    command = [
+        sys.executable, "-m", "lln.cli", "train", task, "--attn", attn, "--seed", str(seed),
+        "--size", args.size, "--out", str(folder), "--resume", "--no-progress",
+        "--no-keep-checkpoint", *args.train_arg,
+    ]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    return command
+
+
+def run_grid(args: argparse.Namespace, out: Path) -> list[str]:
+    """Run every missing run of the grid; returns the failures (their logs hold details)."""
+    from tqdm.auto import tqdm
+
+    todo = [
+        (task, attn, seed)
+        for task in args.tasks for attn in args.attns for seed in args.seeds
+        if applicable(attn, task)
+        and not (run_dir(out, task, attn, seed) / "summary.json").exists()
+    ]
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    failures: list[str] = []
+    bar = tqdm(total=len(todo), desc="grid", dynamic_ncols=True)
+
+    def one(job: tuple[str, str, int]) -> None:
+        task, attn, seed = job
+        folder = run_dir(out, task, attn, seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "train.log", "a") as log:
+            code = subprocess.call(train_command(task, attn, seed, args, folder),
+                                   stdout=log, stderr=subprocess.STDOUT)
+        if code:
+            failures.append(f"{task}/{attn}/seed{seed} (exit {code}; see {folder}/train.log)")
+        bar.update(1)
+        bar.set_postfix_str(f"{task}/{attn}/seed{seed}")
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(one, todo))
+    bar.close()
+    return failures
+
+
+def collect(out: Path, attns, tasks, seeds) -> dict[str, Any]:
+    """``{(task, attn): [summary, ...]}`` of the complete runs, plus their metrics logs."""
+    from .metrics import read_metrics
+
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for task in tasks:
+        for attn in attns:
+            for seed in seeds:
+                folder = run_dir(out, task, attn, seed)
+                if (folder / "summary.json").exists():
+                    summary = json.loads((folder / "summary.json").read_text())
+                    summary["curve"] = [r for r in read_metrics(folder / "metrics.jsonl")
+                                        if r["split"] == "val"]
+                    runs.setdefault((task, attn), []).append(summary)
+    return runs
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _test_metric(summaries: list[dict[str, Any]]) -> str:
+    metric = summaries[0]["metric"]
+    return _mean_std([s["test"][metric] for s in summaries], 2 if metric in LOWER_IS_BETTER else 3)
+
+
+def _step_ms(summaries: list[dict[str, Any]]) -> str:
+    return f"{1000 * statistics.mean(s['step_time_s'] for s in summaries):.0f}"
+
+
+def _peak_mib(summaries: list[dict[str, Any]]) -> str:
+    return f"{max(s['peak_rss_mb'] for s in summaries):.0f}"
+
+
+def _params(summaries: list[dict[str, Any]]) -> str:
+    counts = summaries[0]["parameters"]
+    return f"{counts['total']:,} ({counts['attention_extra']})"
+
+
+def tables(runs, attns, tasks, seeds) -> str:
+    """The markdown tables: test metric (with chance and trivial baselines), step time, peak
+    RSS and parameter counts, one row per attention and one column per task."""
+    first = {t: next((ss[0] for (task, _), ss in runs.items() if task == t), None)
+             for t in tasks}
+
+    def cell(task: str, attn: str, fmt) -> str:
+        if not applicable(attn, task):
+            return "n/a"
+        done = runs.get((task, attn), [])
+        if not done:
+            return "—"
+        text = fmt(done)
+        return text if len(done) == len(seeds) else f"{text} ({len(done)}/{len(seeds)} seeds)"
+
+    def table(title: str, fmt) -> list[str]:
+        lines = [title, "", "| attention | " + " | ".join(tasks) + " |",
+                 "|---" * (len(tasks) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(cell(t, a, fmt) for t in tasks) + " |" for a in attns]
+        return lines
+
+    metrics = []
+    for task in tasks:
+        metric = first[task]["metric"] if first[task] else "?"
+        metrics.append(f"{task}: {metric} {'↓' if metric in LOWER_IS_BETTER else '↑'}")
+    lines = table("**Test metric** (mean ± std over seeds; " + "; ".join(metrics) + ")",
+                  _test_metric)
+    references: dict[str, dict[str, float]] = {}
+    for task, summary in first.items():
+        if summary:
+            references.setdefault("chance", {})[task] = summary["chance"]
+            for name, value in summary.get("baselines", {}).items():
+                references.setdefault(name.replace("_", " "), {})[task] = value
+    for name, values in references.items():
+        row = [f"{values[t]:.3f}" if t in values else "" for t in tasks]
+        lines.append(f"| *{name}* | " + " | ".join(row) + " |")
+    lines += [""] + table("**Training time per step** (ms; median over the logged windows of "
+                          "steps, mean over seeds)", _step_ms)
+    lines += [""] + table("**Peak memory** (MiB; RSS of the training process, max over seeds)",
+                          _peak_mib)
+    lines += [""] + table("**Parameters** (total; in parentheses those owned by the attention "
+                          "method)", _params)
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs, attns, tasks, path: Path) -> bool:
+    """Validation metric vs step per task (mean over seeds); False if matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install lln[plot]): no curves.png")
+        return False
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for attn in attns:
+            summaries = runs.get((task, attn), [])
+            if not summaries:
+                continue
+            metric = summaries[0]["metric"]
+            by_step: dict[int, list[float]] = {}
+            for s in summaries:
+                for record in s["curve"]:
+                    by_step.setdefault(record["step"], []).append(record[metric])
+            steps = sorted(by_step)
+            ax.plot(steps, [statistics.mean(by_step[x]) for x in steps], marker=".", label=attn)
+            ax.set_ylabel(f"val {metric}")
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def replace_between_markers(path: Path, text: str) -> None:
+    """Replace what lies between the results markers in ``path`` with ``text``."""
+    content = path.read_text()
+    if START not in content or END not in content:
+        raise ValueError(f"{path} must contain the markers {START} and {END}")
+    head, rest = content.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{START}\n{text}{END}{tail}")
+
+
+def machine() -> str:
+    """One line: CPU model, cores, torch version (for the results page)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}"
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    failures = [] if args.collect_only else run_grid(args, out)
+    runs = collect(out, args.attns, args.tasks, args.seeds)
+    text = tables(runs, args.attns, args.tasks, args.seeds)
+    command = "lln results " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lln results"
+    text += f"\nRegenerate: `{command}`  \nMachine: {machine()}"
+    if not args.collect_only:
+        text += f"; {args.jobs} run(s) in parallel, {args.threads} thread(s) each"
+    text += "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(
+        [s for ss in runs.values() for s in ss], indent=1) + "\n")
+    plot_curves(runs, args.attns, args.tasks, out / "curves.png")
+    if args.doc:
+        replace_between_markers(Path(args.doc), text)
+    print(text)
+    print(f"wrote {out / 'results.md'} ({time.perf_counter() - started:.0f} s)")
+    if failures:
+        print("FAILED runs:\n  " + "\n  ".join(failures))
+        raise SystemExit(1)
