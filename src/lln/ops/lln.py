@@ -61,6 +61,16 @@ def _safe_divide(num: Tensor, den: Tensor, eps: float) -> Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
 
 
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` over the shared leading dims as one ``torch.bmm``.
+
+    A transposed operand stays a strided view (BLAS reads it transposed); ``matmul`` on 5-D
+    tensors would copy it, costing a pass and, under autograd, a saved copy.
+    """
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out.view(*a.shape[:-2], *out.shape[-2:])
+
+
 def feature_scales(
     q: Tensor,
     k: Tensor,
@@ -257,7 +267,7 @@ def _causal_segment(
         real = torch.nn.functional.pad(real, (0, pad), value=False)
     qc = qs.view(b, h, n_chunks, c, d)
     kc = ks.view(b, h, n_chunks, c, d)
-    vc = v.view(b, h, n_chunks, c, dv)
+    vc = v.contiguous().view(b, h, n_chunks, c, dv)  # one copy, used by two matmuls
     # without padding nothing needs masking (saves several full passes, forward and backward)
     key_real = None if real is None else real.view(b, 1, n_chunks, c, 1)
 
@@ -294,12 +304,12 @@ def _causal_segment(
     # (exp_ in place on fresh temporaries: one allocation less per feature map)
     q_hat = (qc - q_max.unsqueeze(-1)).exp_()
     k_hat = mask_keys(kc - _finite_or_zero(row_max).unsqueeze(-1)).exp_()
-    weights = (q_hat @ k_hat.transpose(-1, -2)) * e  # (B, H, nC, C, C)
-    intra_num, intra_den = weights @ vc, weights.sum(-1)
+    weights = _bmm(q_hat, k_hat.transpose(-1, -2)) * e  # (B, H, nC, C, C)
+    intra_num, intra_den = _bmm(weights, vc), weights.sum(-1)
 
     # chunk summaries relative to each chunk's own per-dim max, then the carried state
     k_loc = mask_keys(kc - _finite_or_zero(chunk_max).unsqueeze(-2)).exp_()
-    kv_loc = k_loc.transpose(-1, -2) @ vc  # (B, H, nC, D, Dv)
+    kv_loc = _bmm(k_loc.transpose(-1, -2), vc)  # (B, H, nC, D, Dv)
     ks_loc = k_loc.sum(-2)  # (B, H, nC, D)
     kv_before, ks_before = [], []
     for kv_n, ks_n, decay_n, inject_n in zip(
@@ -314,8 +324,8 @@ def _causal_segment(
 
     # inter-chunk part: queries against the state carried into their chunk
     q_feat = (qc + inter_offset).exp_()
-    num = q_feat @ kv_before + intra_num
-    den = (q_feat @ ks_before).squeeze(-1) + intra_den
+    num = _bmm(q_feat, kv_before) + intra_num
+    den = _bmm(q_feat, ks_before).squeeze(-1) + intra_den
     lost = ((den.detach() == 0) & seen).sum()
     out = _safe_divide(num, den, eps).reshape(b, h, n_chunks * c, dv)[:, :, :n]
     return out, kv, k_sum, max_after[:, :, -1], lost
