@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -39,3 +40,13 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
     """max |out - ref| / max |ref|: the relative error measure used in every accuracy test."""
     out, ref = out.double(), ref.double()
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test single-threaded: eigenvalue solves and tiny models gain nothing from
+    threads, and oversubscribe a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,13 +33,7 @@ from lln.ops.registry import get_attention
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Eigenvalue solves oversubscribe a shared 2-core machine; run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_stochastic(*shape: int, seed: int = 0, causal: bool = False) -> torch.Tensor:

@@ -24,13 +24,7 @@ OPTIONS = {"lln_diag": {"block_size": 4}, "block_diag": {"block_size": 4},
            "nystrom": {"num_landmarks": 4}, "performer": {"num_features": 24}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes them slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -22,14 +22,7 @@ from lln.train.metrics import MetricsLog, loss_terms, metric_value, read_metrics
 from lln.train.sampler import BatchOrder
 from lln.train.trainer import lr_factor, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes them slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tmp_path: Path, name: str, **kw) -> TrainConfig:
