@@ -29,11 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:  # an optional extra is not installed
+            command = sub.add_parser(name, help=f"(unavailable: {error})")
+            command.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            command.set_defaults(_run=_unavailable(error))
+            continue
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser
+
+
+def _unavailable(error: ImportError):
+    """The run function of a command whose module could not be imported."""
+
+    def run(args: argparse.Namespace) -> None:
+        raise ModuleNotFoundError(str(error))
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
