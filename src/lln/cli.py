@@ -33,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
         except ImportError as error:  # an optional extra is not installed
             command = sub.add_parser(name, help=f"(unavailable: {error})")
-            command.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            command.set_defaults(_run=_unavailable(error))
+            command.set_defaults(_run=_unavailable(error), _unavailable=True)
             continue
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
@@ -53,7 +52,9 @@ def _unavailable(error: ImportError):
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_unavailable", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args._run(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
