@@ -146,3 +146,10 @@ def broadcast_param(
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     return torch.full((1,) * len(shape), float(value), dtype=dtype, device=device)
+
+
+def check_is_causal(is_causal: object) -> bool:
+    """``is_causal`` itself, after checking that it is a bool (not a truthy tensor or int)."""
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    return is_causal

@@ -26,8 +26,14 @@ import math
 import torch
 from torch import Tensor
 
-from ._validation import check_key_padding_mask, check_positive_int, check_qkv, compute_dtype
-from .elu import check_is_causal, linear_attention, normalize_rows
+from ._validation import (
+    check_is_causal,
+    check_key_padding_mask,
+    check_positive_int,
+    check_qkv,
+    compute_dtype,
+)
+from .elu import linear_attention, normalize_rows
 from .naive import visible_keys
 
 

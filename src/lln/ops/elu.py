@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import (
+    check_is_causal,
     check_key_padding_mask,
     check_nonnegative_float,
     check_positive_int,
@@ -44,12 +45,6 @@ from ._validation import (
 from .naive import visible_keys
 
 NEG_INF = float("-inf")
-
-
-def check_is_causal(is_causal: object) -> bool:
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    return is_causal
 
 
 def normalize_rows(weights: Tensor, visible: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ._validation import (
     broadcast_param,
+    check_is_causal,
     check_key_padding_mask,
     check_nonnegative_float,
     check_positive_float,
@@ -127,8 +128,7 @@ def check_lln_args(
     """
     check_qkv(q, k, v, same_length=is_causal or block_size is not None)
     mask = check_key_padding_mask(key_padding_mask, k)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    check_is_causal(is_causal)
     if (alpha is None) != (beta is None):
         raise ValueError("alpha and beta must be given together (or both None for moment matching)")
     check_stats_mode(stats, is_causal=is_causal and alpha is None)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ._validation import (
+    check_is_causal,
     check_key_padding_mask,
     check_positive_float,
     check_positive_int,
@@ -46,7 +47,6 @@ from ._validation import (
     compute_dtype,
 )
 from .block_diag import masked_softmax
-from .elu import check_is_causal
 
 
 def _check_args(

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ._validation import (
+    check_is_causal,
     check_key_padding_mask,
     check_positive_float,
     check_positive_int,
@@ -44,7 +45,7 @@ from ._validation import (
     compute_dtype,
 )
 from .block_diag import masked_softmax
-from .elu import check_is_causal, linear_attention
+from .elu import linear_attention
 from .naive import visible_keys
 
 #: Query rows per step of the log-space oracle (bounds its memory to rows * S * M numbers).
