@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 HELP = "train a model with a chosen attention on one task (ListOps, BBC, Shakespeare, MQAR)"
@@ -90,6 +91,8 @@ def run(args: argparse.Namespace) -> None:
 
     config = config_from_args(args)
     summary = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     if "stopped_at" in summary:
         print(f"stopped after step {summary['stopped_at']} (resume with --resume)")
         return

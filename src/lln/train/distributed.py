@@ -56,7 +56,11 @@ def setup() -> Context:
 
 
 def teardown(ctx: Context) -> None:
+    """Leave the process group. All ranks meet at a barrier first: a rank that destroys its
+    gloo group while a peer is still sending makes the peer's gloo thread abort the process
+    ("terminate called without an active exception"), seen under CPU load."""
     if ctx.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
