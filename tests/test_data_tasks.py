@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from lln.data.tasks import IGNORE_INDEX, TASK_NAMES, collate, get_task
+from lln.data.tasks import IGNORE_INDEX, TASK_NAMES, TASK_VARIANTS, collate, get_task
 
 
 def _available(name: str) -> bool:
@@ -48,7 +48,7 @@ def test_tiny_task_contract(name):
 
 
 def test_unknown_names_sizes_and_options():
-    with pytest.raises(ValueError, match="valid tasks"):
+    with pytest.raises(ValueError, match="valid tasks.*mqar-256x16"):
         get_task("imdb")
     with pytest.raises(ValueError, match="size"):
         get_task("listops", size="huge")
@@ -56,6 +56,22 @@ def test_unknown_names_sizes_and_options():
         get_task("mqar", size="tiny", seq_length=64)
     with pytest.raises(ValueError, match="seed"):
         get_task("mqar", size="tiny", seed=-1)
+
+
+@pytest.mark.parametrize("name", TASK_VARIANTS)
+def test_task_variants_fix_their_options(name):
+    """`mqar-256x16` = `mqar` with seq_len 256 and 16 pairs: same data, its own name; the
+    fixed options cannot be overridden."""
+    base, fixed = TASK_VARIANTS[name]
+    variant = get_task(name, size="tiny", n_train=4, vocab_size=64)
+    plain = get_task(base, size="tiny", n_train=4, vocab_size=64, **fixed)
+    assert variant.name == name and plain.name == base
+    assert {k: variant.config[k] for k in fixed} == fixed
+    assert variant.max_len == fixed["seq_len"]
+    for a, b in zip(variant.test, plain.test, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="fixes"):
+        get_task(name, size="tiny", num_pairs=2)
 
 
 def test_collate_classify_pads_right():

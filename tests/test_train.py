@@ -209,7 +209,7 @@ def test_results_grid_runs_missing_runs_only_and_tabulates(tmp_path, monkeypatch
 
     monkeypatch.setattr(results.subprocess, "call", fake_call)
     doc = tmp_path / "doc.md"
-    doc.write_text(f"# Results\n{results.START}\nold\n{results.END}\ntail\n")
+    doc.write_text("# Results\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
     cli_main(["results", "--attns", "softmax", "nystrom", "--tasks", "listops", "mqar",
               "--seeds", "0", "1", "--size", "tiny", "--out", str(out), "--doc", str(doc)])
     ran = sorted((c[4], c[6], c[c.index("--seed") + 1]) for c in calls)
@@ -227,6 +227,31 @@ def test_results_grid_runs_missing_runs_only_and_tabulates(tmp_path, monkeypatch
     cli_main(["results", "--attns", "softmax", "--tasks", "listops", "--seeds", "0",
               "--size", "tiny", "--out", str(out), "--collect-only"])
     assert calls == []
+
+
+def test_doc_sections_are_replaced_independently(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- results:start -->\nA\n<!-- results:end -->\n"
+                   "<!-- mqar:start -->\nB\n<!-- mqar:end -->\n")
+    results.replace_between_markers(doc, "new\n", "mqar")
+    assert doc.read_text() == ("<!-- results:start -->\nA\n<!-- results:end -->\n"
+                               "<!-- mqar:start -->\nnew\n<!-- mqar:end -->\n")
+    with pytest.raises(ValueError, match="<!-- other:start -->"):
+        results.replace_between_markers(doc, "x", "other")
+
+
+def test_task_variants_train_with_their_base_recipe():
+    """`mqar-256x16` is MQAR at that point, trained with MQAR's recipe (short convolution);
+    the CLI's task list is the library's."""
+    from lln.data.tasks import TASK_NAMES, TASK_VARIANTS
+    from lln.train.command import TASKS
+
+    assert TASKS == (*TASK_NAMES, *TASK_VARIANTS)
+    config = TrainConfig(task="mqar-256x16", attn="lln").resolved()
+    assert config.short_conv == 3
+    assert config.steps == TrainConfig(task="mqar", attn="lln").resolved().steps
+    with pytest.raises(ValueError, match="mqar-64x4"):
+        TrainConfig(task="mqar-1x1", attn="lln").resolved()
 
 
 @pytest.mark.slow

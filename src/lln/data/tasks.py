@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -43,6 +43,12 @@ IGNORE_INDEX = -100
 PAD_ID = 0
 
 TASK_NAMES = ("listops", "bbc", "shakespeare", "mqar")
+#: Named variants of a task: the base task with some options fixed. The three Zoology MQAR
+#: points, so that ``lln train mqar-256x16`` and the results grid can name them.
+TASK_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    f"mqar-{seq_len}x{num_pairs}": ("mqar", {"seq_len": seq_len, "num_pairs": num_pairs})
+    for seq_len, num_pairs in ((64, 4), (128, 8), (256, 16))
+}
 SIZES = ("tiny", "small", "full")
 
 # task name -> module implementing ``build(size, seed, overrides) -> TaskData``
@@ -137,7 +143,8 @@ def get_task(name: str, *, size: str = "small", seed: int = 0, **overrides: Any)
     """Build a task: generate or read its data and split it.
 
     Args:
-        name: one of ``"listops"``, ``"bbc"``, ``"shakespeare"``, ``"mqar"``.
+        name: one of ``"listops"``, ``"bbc"``, ``"shakespeare"``, ``"mqar"``, or a variant
+            of :data:`TASK_VARIANTS` (``"mqar-64x4"``, ``"mqar-128x8"``, ``"mqar-256x16"``).
         size: ``"tiny"`` (tests), ``"small"`` (the results grid) or ``"full"``.
         seed: data seed (generation and split); independent of any training seed.
         **overrides: task options replacing the size's defaults (e.g. ``max_length=300`` for
@@ -150,14 +157,26 @@ def get_task(name: str, *, size: str = "small", seed: int = 0, **overrides: Any)
         ValueError: unknown task, size or option, or an option out of range.
         FileNotFoundError: the data package of ``bbc``/``shakespeare`` is not installed.
     """
-    if not isinstance(name, str) or name not in _MODULES:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {list(TASK_NAMES)}")
+    if not isinstance(name, str) or (name not in _MODULES and name not in TASK_VARIANTS):
+        raise ValueError(f"unknown task {name!r}; valid tasks: "
+                         f"{[*TASK_NAMES, *TASK_VARIANTS]}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    module = importlib.import_module(_MODULES[name])
-    return module.build(size=size, seed=seed, overrides=overrides)
+    base = base_task(name)
+    fixed = TASK_VARIANTS[name][1] if name in TASK_VARIANTS else {}
+    clash = sorted(set(fixed) & set(overrides))
+    if clash:
+        raise ValueError(f"task {name!r} fixes {clash}; use {base!r} to choose them")
+    module = importlib.import_module(_MODULES[base])
+    task = module.build(size=size, seed=seed, overrides={**fixed, **overrides})
+    return replace(task, name=name)
+
+
+def base_task(name: str) -> str:
+    """The task a name refers to: ``"mqar-256x16"`` -> ``"mqar"``; a task name itself."""
+    return TASK_VARIANTS[name][0] if name in TASK_VARIANTS else name
 
 
 def collate(

@@ -105,10 +105,13 @@ class TrainConfig:
         """A copy with every ``None`` default filled in from the recipe and model size."""
         if self.size not in MODEL_SIZES:
             raise ValueError(f"size must be one of {sorted(MODEL_SIZES)}, got {self.size!r}")
-        if (self.task, self.size) not in RECIPES:
-            tasks = sorted({t for t, _ in RECIPES})
+        from ..data.tasks import TASK_VARIANTS, base_task
+
+        recipe = (base_task(self.task), self.size)  # a variant trains with its base's recipe
+        if recipe not in RECIPES:
+            tasks = sorted({t for t, _ in RECIPES} | set(TASK_VARIANTS))
             raise ValueError(f"unknown task {self.task!r}; valid tasks: {tasks}")
-        defaults = {**MODEL_SIZES[self.size], **RECIPES[(self.task, self.size)]}
+        defaults = {**MODEL_SIZES[self.size], **RECIPES[recipe]}
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         config = dataclasses.replace(self, **filled)
         if config.checkpoint_every is None:

@@ -8,7 +8,9 @@ can be stopped and continued across sessions, and ``--collect-only`` just re-tab
 Outputs in ``OUT``: ``results.md`` (mean ± std over seeds of the test metric, median step
 time and peak RSS per attention x task), ``results.json`` (every summary) and
 ``curves.png`` (validation metric vs step, mean over seeds). ``--doc PATH`` also replaces
-the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` in PATH.
+the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` in PATH
+(``<!-- NAME:start -->`` ... with ``--doc-section NAME``, so one page can hold several
+grids, e.g. the MQAR points ``--tasks mqar-64x4 mqar-128x8 mqar-256x16``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ DEFAULT_TASKS = ("listops", "bbc", "shakespeare", "mqar")
 CAUSAL_TASKS = ("shakespeare", "mqar")
 #: Metrics where lower is better.
 LOWER_IS_BETTER = ("bits_per_byte",)
-START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: cores // jobs)")
     parser.add_argument("--doc", default=None,
-                        help=f"also write the tables between {START} and {END} in this file")
+                        help="also write the tables between <!-- SECTION:start --> and "
+                             "<!-- SECTION:end --> in this file")
+    parser.add_argument("--doc-section", default="results", metavar="SECTION",
+                        help="name in the --doc markers (default: results)")
     parser.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                         help="extra argument passed to every `lln train` (repeatable, e.g. "
                              "--train-arg=--steps=20)")
@@ -60,9 +64,10 @@ def run_dir(out: Path, task: str, attn: str, seed: int) -> Path:
 
 def applicable(attn: str, task: str) -> bool:
     """False where the attention cannot run the task (no causal support on a causal task)."""
+    from ..data.tasks import base_task
     from ..ops.registry import get_attention
 
-    return task not in CAUSAL_TASKS or get_attention(attn).supports_causal
+    return base_task(task) not in CAUSAL_TASKS or get_attention(attn).supports_causal
 
 
 def train_command(task: str, attn: str, seed: int, args: argparse.Namespace, folder: Path):
@@ -229,14 +234,16 @@ def plot_curves(runs, attns, tasks, path: Path) -> bool:
     return True
 
 
-def replace_between_markers(path: Path, text: str) -> None:
-    """Replace what lies between the results markers in ``path`` with ``text``."""
+def replace_between_markers(path: Path, text: str, section: str = "results") -> None:
+    """Replace what lies between ``<!-- SECTION:start -->`` and ``<!-- SECTION:end -->`` in
+    ``path`` with ``text``."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     content = path.read_text()
-    if START not in content or END not in content:
-        raise ValueError(f"{path} must contain the markers {START} and {END}")
-    head, rest = content.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{START}\n{text}{END}{tail}")
+    if start not in content or end not in content:
+        raise ValueError(f"{path} must contain the markers {start} and {end}")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{text}{end}{tail}")
 
 
 def machine() -> str:
@@ -273,7 +280,7 @@ def run(args: argparse.Namespace) -> None:
         [s for ss in runs.values() for s in ss], indent=1) + "\n")
     plot_curves(runs, args.attns, args.tasks, out / "curves.png")
     if args.doc:
-        replace_between_markers(Path(args.doc), text)
+        replace_between_markers(Path(args.doc), text, args.doc_section)
     print(text)
     print(f"wrote {out / 'results.md'} ({time.perf_counter() - started:.0f} s)")
     if failures:
