@@ -219,14 +219,20 @@ def test_results_grid_runs_missing_runs_only_and_tabulates(tmp_path, monkeypatch
     table = (out / "results.md").read_text()
     assert "| nystrom |" in table and "n/a" in table and "± " in table
     assert "| *chance* | 0.100 |" in table
-    assert (out / "curves.png").stat().st_size > 0
+    assert (out / "results-curves.png").stat().st_size > 0
     assert len(json.loads((out / "results.json").read_text())) == 6
     text = doc.read_text()
     assert "old" not in text and "| nystrom |" in text and text.endswith("tail\n")
     calls.clear()
     cli_main(["results", "--attns", "softmax", "--tasks", "listops", "--seeds", "0",
-              "--size", "tiny", "--out", str(out), "--collect-only"])
+              "--size", "tiny", "--out", str(out), "--collect-only", "--name", "other"])
     assert calls == []
+    def first_row(name: str) -> str:
+        return next(line for line in (out / name).read_text().splitlines()
+                    if line.startswith("| softmax |"))
+
+    assert "±" not in first_row("other.md")  # one seed: no spread
+    assert "±" in first_row("results.md")  # the first grid's table is left alone
 
 
 def test_doc_sections_are_replaced_independently(tmp_path):

@@ -5,12 +5,13 @@ in a fresh subprocess (so its peak memory is its own). A run whose ``summary.jso
 is complete and never re-run; an interrupted one resumes from its checkpoint. So the grid
 can be stopped and continued across sessions, and ``--collect-only`` just re-tabulates.
 
-Outputs in ``OUT``: ``results.md`` (mean ± std over seeds of the test metric, median step
-time and peak RSS per attention x task), ``results.json`` (every summary) and
-``curves.png`` (validation metric vs step, mean over seeds). ``--doc PATH`` also replaces
-the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` in PATH
-(``<!-- NAME:start -->`` ... with ``--doc-section NAME``, so one page can hold several
-grids, e.g. the MQAR points ``--tasks mqar-64x4 mqar-128x8 mqar-256x16``).
+Outputs in ``OUT``, named by ``--name NAME`` (default ``results``): ``NAME.md`` (mean ±
+std over seeds of the test metric, median step time and peak RSS per attention x task),
+``NAME.json`` (every summary) and ``NAME-curves.png`` (validation metric vs step, mean over
+seeds). ``--doc PATH`` also replaces the text between ``<!-- NAME:start -->`` and
+``<!-- NAME:end -->`` in PATH. Several grids can share ``OUT`` (and its runs) and one page
+under different names, e.g. the MQAR points ``--tasks mqar-64x4 mqar mqar-256x16 --name
+mqar-points`` reuse the ``mqar`` runs of the main grid.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: cores // jobs)")
     parser.add_argument("--doc", default=None,
-                        help="also write the tables between <!-- SECTION:start --> and "
-                             "<!-- SECTION:end --> in this file")
-    parser.add_argument("--doc-section", default="results", metavar="SECTION",
-                        help="name in the --doc markers (default: results)")
+                        help="also write the tables between <!-- NAME:start --> and "
+                             "<!-- NAME:end --> in this file")
+    parser.add_argument("--name", default="results",
+                        help="names the outputs (NAME.md, NAME.json, NAME-curves.png) and the "
+                             "--doc markers (default: results)")
     parser.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                         help="extra argument passed to every `lln train` (repeatable, e.g. "
                              "--train-arg=--steps=20)")
@@ -208,7 +210,7 @@ def plot_curves(runs, attns, tasks, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install lln[plot]): no curves.png")
+        print(f"matplotlib is not installed (pip install lln[plot]): no {path.name}")
         return False
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -234,10 +236,10 @@ def plot_curves(runs, attns, tasks, path: Path) -> bool:
     return True
 
 
-def replace_between_markers(path: Path, text: str, section: str = "results") -> None:
-    """Replace what lies between ``<!-- SECTION:start -->`` and ``<!-- SECTION:end -->`` in
+def replace_between_markers(path: Path, text: str, name: str = "results") -> None:
+    """Replace what lies between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in
     ``path`` with ``text``."""
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     content = path.read_text()
     if start not in content or end not in content:
         raise ValueError(f"{path} must contain the markers {start} and {end}")
@@ -275,14 +277,14 @@ def run(args: argparse.Namespace) -> None:
     if not args.collect_only:
         text += f"; {args.jobs} run(s) in parallel, {args.threads} thread(s) each"
     text += "\n"
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(
+    (out / f"{args.name}.md").write_text(text)
+    (out / f"{args.name}.json").write_text(json.dumps(
         [s for ss in runs.values() for s in ss], indent=1) + "\n")
-    plot_curves(runs, args.attns, args.tasks, out / "curves.png")
+    plot_curves(runs, args.attns, args.tasks, out / f"{args.name}-curves.png")
     if args.doc:
-        replace_between_markers(Path(args.doc), text, args.doc_section)
+        replace_between_markers(Path(args.doc), text, args.name)
     print(text)
-    print(f"wrote {out / 'results.md'} ({time.perf_counter() - started:.0f} s)")
+    print(f"wrote {out / (args.name + '.md')} ({time.perf_counter() - started:.0f} s)")
     if failures:
         print("FAILED runs:\n  " + "\n  ".join(failures))
         raise SystemExit(1)
