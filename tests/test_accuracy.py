@@ -187,3 +187,68 @@ def test_oracle_rows_are_stochastic():
         assert (p >= 0).all()
         if is_causal:
             assert p.triu(1).abs().max() == 0
+
+
+# ------------------------------------------------------------- moment-matching constants
+
+
+@pytest.mark.parametrize("d", [32, 128])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_head_dim_constants_match_float64_oracle(op, is_causal, d):
+    """constants="head_dim" reaches the fast path and the oracle alike, and changes both."""
+    fast, matrix = OPS[op]
+    q, k, v = make_qkv(2, 2, 77, d, 6, sigma=1.5)
+    mask = padding_mask(2, 77)
+    kw = dict(is_causal=is_causal, key_padding_mask=mask)
+    out = fast(q, k, v, chunk_size=16, constants="head_dim", **kw)
+    ref = matrix(q, k, constants="head_dim", **kw) @ v
+    assert rel_err(out, ref) <= TOLERANCE[torch.float64]
+    assert rel_err(ref, matrix(q, k, **kw) @ v) > 1e-3  # not the paper's constants
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_head_dim_constants_equal_explicit_moment_matched_scales(op):
+    fast, _ = OPS[op]
+    q, k, v = make_qkv(2, 2, 77, 32, 6)
+    mask = padding_mask(2, 77)
+    alpha, beta = lln.moment_match(q, k, key_padding_mask=mask, constants="head_dim")
+    out = fast(q, k, v, key_padding_mask=mask, constants="head_dim")
+    assert torch.equal(out, fast(q, k, v, key_padding_mask=mask, alpha=alpha, beta=beta))
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_head_dim_constants_single_token(op, is_causal):
+    fast, matrix = OPS[op]
+    q, k, v = make_qkv(3, 2, 1, 32, 4)
+    out = fast(q, k, v, is_causal=is_causal, constants="head_dim")
+    torch.testing.assert_close(out, v, rtol=1e-12, atol=1e-12)
+    p = matrix(q, k, is_causal=is_causal, constants="head_dim")
+    torch.testing.assert_close(p, torch.ones_like(p), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_default_constants_are_the_papers(op, is_causal):
+    fast, matrix = OPS[op]
+    q, k, v = make_qkv(2, 2, 45, 32, 6)
+    kw = dict(is_causal=is_causal, key_padding_mask=padding_mask(2, 45))
+    out = fast(q, k, v, **kw)
+    assert torch.equal(out, fast(q, k, v, constants="paper", **kw))
+    assert torch.equal(matrix(q, k, **kw), matrix(q, k, constants="paper", **kw))
+    if not is_causal:  # "paper" = MOMENT_A, MOMENT_B
+        alpha, beta = lln.moment_match(
+            q, k, key_padding_mask=kw["key_padding_mask"], a=lln.MOMENT_A, b=lln.MOMENT_B
+        )
+        assert torch.equal(out, fast(q, k, v, alpha=alpha, beta=beta, **kw))
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_head_dim_constants_at_d64_are_close_to_the_papers(is_causal):
+    """The D = 64 calibration lands near the paper's fit: a small, nonzero change."""
+    q, k, v = make_qkv(1, 2, 50, 64, sigma=1.5)
+    paper = lln.lln_attention(q, k, v, is_causal=is_causal)
+    head_dim = lln.lln_attention(q, k, v, is_causal=is_causal, constants="head_dim")
+    assert not torch.equal(paper, head_dim)
+    assert rel_err(head_dim, paper) < 1e-2

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import lln  # noqa: E402
 import lln.hf  # noqa: E402
-from lln.ops.moment_matching import scales_from_variances  # noqa: E402
+from lln.ops.moment_matching import moment_constants, scales_from_variances  # noqa: E402
 
 VOCAB = 47
 
@@ -60,6 +60,35 @@ def test_record_and_freeze_match_explicit_moments():
         assert math.isclose(alpha.flatten()[h].item(), a.item(), rel_tol=1e-5)
         assert math.isclose(beta.flatten()[h].item(), b.item(), rel_tol=1e-5)
     assert bool(params.calibrated) and not params.recording
+
+
+def test_finish_calibration_head_dim_constants():
+    """constants="head_dim" freezes the scales with the constants of the recorded head dim."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 7, 32, generator=g, dtype=torch.float64) * 1.5
+    k = torch.randn(2, 3, 7, 32, generator=g, dtype=torch.float64) + 1
+    scales = {}
+    for constants in ("paper", "head_dim"):
+        params = lln.hf.LLNAttentionParams(3)
+        params.start_calibration()
+        params.record(q, k, None)
+        params.finish_calibration(constants=constants)
+        scales[constants] = [s.detach().flatten() for s in params.scales()]
+    var_q, var_k = q.var((0, 2, 3)), k.var((0, 2, 3))
+    a32, b32 = moment_constants(32)
+    for constants, ab in (("paper", {}), ("head_dim", {"a": a32, "b": b32})):
+        want = scales_from_variances(var_q, var_k, **ab)
+        for got, expected in zip(scales[constants], want, strict=True):
+            torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=0)
+    assert not torch.allclose(scales["paper"][0], scales["head_dim"][0], rtol=1e-3)
+    params = lln.hf.LLNAttentionParams(3)
+    params.start_calibration()
+    params.record(q, k, None)
+    with pytest.raises(ValueError, match=r"\bconstants must be one of"):
+        params.finish_calibration(constants="D")
+    assert params.recording  # a bad mode is refused before the statistics are consumed
+    with pytest.raises(ValueError, match="not both"):
+        params.finish_calibration(constants="head_dim", a=0.2)
 
 
 def test_calibration_misuse_raises():

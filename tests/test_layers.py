@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import lln
 from lln import LLNAttention
-from lln.ops.moment_matching import scales_from_variances
+from lln.ops.moment_matching import moment_constants, scales_from_variances
 
 E, H = 16, 2
 HD = E // H
@@ -65,6 +65,7 @@ def manual_forward(
         alpha=alpha,
         beta=beta,
         temperature=m.temperature,
+        constants=m.constants if alpha is None else "paper",  # buffer scales carry them
         chunk_size=m.chunk_size,
     )
     if m.diag:
@@ -79,8 +80,10 @@ def manual_forward(
 
 def buffer_scales(m: LLNAttention) -> tuple[Tensor, Tensor]:
     shape = (1, H, 1, 1)
+    ab = {} if m.constants == "paper" else dict(zip("ab", moment_constants(HD), strict=True))
     return scales_from_variances(
-        m.running_var_q.view(shape), m.running_var_k.view(shape), temperature=m.temperature
+        m.running_var_q.view(shape), m.running_var_k.view(shape), temperature=m.temperature,
+        **ab,
     )
 
 
@@ -556,6 +559,34 @@ def test_higher_temperature_flattens_attention(diag, stats):
 
 
 # --------------------------------------------------------------------------------------
+# moment-matching constants
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("diag", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("stats", ["batch", "fixed"])
+def test_head_dim_constants_reach_the_ops(diag, causal, stats):
+    """constants="head_dim" is what the module computes with, per sequence or from buffers."""
+    m = make_module(diag=diag, is_causal=causal, stats=stats, constants="head_dim", chunk_size=8)
+    paper = make_module(diag=diag, is_causal=causal, stats=stats)
+    with torch.no_grad():
+        for module in (m, paper):
+            module.running_var_q.copy_(torch.tensor([0.5, 2.0]))
+            module.running_var_k.copy_(torch.tensor([3.0, 0.25]))
+    x, pad = make_x() * 2.0, pad_mask()
+    out, _ = m(x, key_padding_mask=pad)
+    alpha, beta = buffer_scales(m) if stats == "fixed" else (None, None)
+    assert_close(out, manual_forward(m, x, pad, causal=causal, alpha=alpha, beta=beta))
+    assert not torch.allclose(out, paper(x, key_padding_mask=pad)[0], atol=1e-4)
+    # the attention matrix (need_weights) uses them too
+    w = m(x, key_padding_mask=pad, need_weights=True)[1]
+    w_paper = paper(x, key_padding_mask=pad, need_weights=True)[1]
+    assert w.shape == w_paper.shape == (3, 20, 20)
+    assert not torch.allclose(w, w_paper, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
 # argument errors
 # --------------------------------------------------------------------------------------
 
@@ -568,6 +599,7 @@ def test_higher_temperature_flattens_attention(diag, stats):
         (dict(stats="ema"), ValueError, "stats"),
         (dict(momentum=0.0), ValueError, "momentum"),
         (dict(momentum=1.5), ValueError, "momentum"),
+        (dict(constants="d64"), ValueError, "constants must be one of"),
     ],
 )
 def test_constructor_errors(kwargs, error, match):

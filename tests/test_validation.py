@@ -13,7 +13,9 @@ from lln.ops import (
     LLNState,
     block_diag_attention,
     lln_attention,
+    lln_attention_matrix,
     lln_diag_attention,
+    lln_diag_attention_matrix,
     moment_match,
 )
 
@@ -440,6 +442,41 @@ def test_tensor_stats_cannot_be_causal(op):
     q, k, v = make()
     with pytest.raises(ValueError, match=r"stats='tensor'.*cannot be causal"):
         op(q, k, v, is_causal=True, stats="tensor")
+
+
+# --------------------------------------------------------------------------- constants
+
+
+def _lln_matrix(q, k, v, **kwargs):
+    return lln_attention_matrix(q, k, **kwargs)
+
+
+def _lln_diag_matrix(q, k, v, **kwargs):
+    return lln_diag_attention_matrix(q, k, **kwargs)
+
+
+#: Ops that moment-match with alpha / beta as an alternative, oracles included.
+SCALES_OPS = {**LLN_OPS, "lln_attention_matrix": _lln_matrix,
+              "lln_diag_attention_matrix": _lln_diag_matrix}
+
+
+@ops({**SCALES_OPS, "moment_match": _mm})
+@pytest.mark.parametrize("bad", ["D", "head", "Paper", None, 64], ids=repr)
+def test_invalid_constants(op, bad):
+    q, k, v = make()
+    with pytest.raises(ValueError, match=r"\bconstants must be one of \('paper', 'head_dim'\)"):
+        op(q, k, v, constants=bad)
+
+
+@ops(SCALES_OPS)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_head_dim_constants_with_explicit_scales(op, is_causal):
+    q, k, v = make()
+    with pytest.raises(ValueError, match=r"constants='head_dim'.*alpha, beta.*not both"):
+        op(q, k, v, is_causal=is_causal, alpha=1.0, beta=1.0, constants="head_dim")
+    # positive controls: the default "paper" goes with explicit scales, "head_dim" without
+    assert op(q, k, v, is_causal=is_causal, alpha=1.0, beta=1.0, constants="paper").isfinite().all()
+    assert op(q, k, v, is_causal=is_causal, constants="head_dim").isfinite().all()
 
 
 # --------------------------------------------------------------------------- state

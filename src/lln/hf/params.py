@@ -36,7 +36,13 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..ops.moment_matching import MOMENT_A, MOMENT_B, scales_from_variances
+from ..ops.moment_matching import (
+    MOMENT_A,
+    MOMENT_B,
+    check_constants_mode,
+    resolve_constants,
+    scales_from_variances,
+)
 
 #: Attribute of ``model.config`` holding the saved LLN settings and values.
 CONFIG_KEY = "lln"
@@ -70,6 +76,7 @@ class LLNAttentionParams(nn.Module):
         self.diag_weight = nn.Parameter(torch.full((num_heads,), 0.5))
         self.register_buffer("calibrated", torch.tensor(False))
         self._sums: dict[str, Tensor] | None = None
+        self._head_dim: int | None = None  # of the recorded q (for constants="head_dim")
         #: What the layer outputs while recording: "softmax" (the teacher) or "lln".
         self.record_forward = "softmax"
 
@@ -109,6 +116,7 @@ class LLNAttentionParams(nn.Module):
         self.record_forward = forward
         z = torch.zeros(self.num_heads, dtype=torch.float64, device=self.log_alpha.device)
         self._sums = {name: z.clone() for name in ("count", "q", "q2", "k", "k2")}
+        self._head_dim = None
 
     @torch.no_grad()
     def record(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> None:
@@ -133,18 +141,28 @@ class LLNAttentionParams(nn.Module):
             self._sums[name + "2"] += x.square().sum((0, 2, 3))
         real = q.shape[0] * q.shape[2] if w is None else int(key_padding_mask.sum())
         self._sums["count"] += real * q.shape[3]
+        self._head_dim = q.shape[3]
 
     @torch.no_grad()
     def finish_calibration(
-        self, *, temperature: float = 1.0, a: float = MOMENT_A, b: float = MOMENT_B
+        self,
+        *,
+        temperature: float = 1.0,
+        a: float = MOMENT_A,
+        b: float = MOMENT_B,
+        constants: str = "paper",
     ) -> dict[str, Tensor]:
         """Freeze alpha, beta from the recorded statistics (SPEC section 3 moment matching).
 
-        Sets ``log_alpha``, ``log_beta`` (at temperature 1), ``log_temperature =
-        log(temperature)`` and ``calibrated``. Returns ``{"sigma_q", "sigma_k"}`` (H,).
+        ``constants``: ``"paper"`` (use ``a``, ``b``; default) or ``"head_dim"`` (the
+        constants calibrated for the recorded head dim; ``a``, ``b`` left at their defaults),
+        as in :func:`lln.moment_match`. Sets ``log_alpha``, ``log_beta`` (at temperature 1),
+        ``log_temperature = log(temperature)`` and ``calibrated``. Returns ``{"sigma_q",
+        "sigma_k"}`` (H,).
         """
         if self._sums is None:
             raise RuntimeError("finish_calibration() needs start_calibration() first")
+        check_constants_mode(constants)
         s, self._sums = self._sums, None
         if bool((s["count"] < 2).any()):
             raise ValueError(
@@ -157,6 +175,7 @@ class LLNAttentionParams(nn.Module):
         n = s["count"]
         var_q = (s["q2"] - s["q"].square() / n) / (n - 1)
         var_k = (s["k2"] - s["k"].square() / n) / (n - 1)
+        a, b = resolve_constants(constants, self._head_dim, a=a, b=b)
         alpha, beta = scales_from_variances(var_q, var_k, a=a, b=b)
         self.log_alpha.copy_(alpha.log())
         self.log_beta.copy_(beta.log())

@@ -19,7 +19,12 @@ from ..ops import (
     lln_diag_attention,
     lln_diag_attention_matrix,
 )
-from ..ops.moment_matching import head_variances, scales_from_variances
+from ..ops.moment_matching import (
+    check_constants_mode,
+    head_variances,
+    resolve_constants,
+    scales_from_variances,
+)
 
 COMBINE_MODES = ("average", "scale", "ratio")
 STATS_MODES = ("batch", "running", "fixed")
@@ -64,6 +69,9 @@ class LLNAttention(nn.Module):
             (always the buffers, e.g. after calibration on real data).
         momentum: EMA factor of the running statistics.
         temperature: divides the moment-matched sigma_tilde (> 1 flattens attention).
+        constants: moment-matching constants (a, b): ``"paper"`` (the paper's D = 64 fit,
+            default) or ``"head_dim"`` (calibrated for the head dim, see
+            :func:`lln.lln_attention`); used with every ``stats`` mode.
         chunk_size: chunk length of the causal kernel.
     """
 
@@ -80,6 +88,7 @@ class LLNAttention(nn.Module):
         stats: str = "batch",
         momentum: float = 0.1,
         temperature: float = 1.0,
+        constants: str = "paper",
         chunk_size: int = 64,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -97,12 +106,14 @@ class LLNAttention(nn.Module):
             raise ValueError(f"combine={combine!r} needs diag=True")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+        check_constants_mode(constants)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.is_causal, self.diag, self.block_size = is_causal, diag, block_size
         self.combine, self.stats, self.momentum = combine, stats, momentum
         self.temperature, self.chunk_size = temperature, chunk_size
+        self.constants = constants
         self.batch_first = True  # what nn.MultiheadAttention users check
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -125,7 +136,8 @@ class LLNAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"is_causal={self.is_causal}, diag={self.diag}, combine={self.combine!r}, "
-            f"stats={self.stats!r}, temperature={self.temperature}"
+            f"stats={self.stats!r}, temperature={self.temperature}, "
+            f"constants={self.constants!r}"
         )
 
     def reset_running_stats(self) -> None:
@@ -156,10 +168,16 @@ class LLNAttention(nn.Module):
         if self.stats == "batch" or (self.stats == "running" and self.training):
             return None, None
         shape = (1, self.num_heads, 1, 1)
+        a, b = resolve_constants(self.constants, self.head_dim)
         return scales_from_variances(
             self.running_var_q.view(shape), self.running_var_k.view(shape),
-            temperature=self.temperature,
+            temperature=self.temperature, a=a, b=b,
         )
+
+    def _op_constants(self, alpha: Tensor | None) -> str:
+        """``constants`` for the ops: ours when they moment-match, else the default (alpha,
+        beta from the buffers were already made with ours, and the ops refuse both)."""
+        return self.constants if alpha is None else "paper"
 
     def forward(
         self,
@@ -210,7 +228,8 @@ class LLNAttention(nn.Module):
         alpha, beta = self._scales(q, k, real)
         common = dict(
             is_causal=causal, key_padding_mask=real, alpha=alpha, beta=beta, stats="head",
-            temperature=self.temperature, chunk_size=self.chunk_size,
+            temperature=self.temperature, constants=self._op_constants(alpha),
+            chunk_size=self.chunk_size,
             initial_state=initial_state, output_final_state=output_final_state,
         )
         lln_w, diag_w = self._weights()
@@ -239,7 +258,7 @@ class LLNAttention(nn.Module):
             )
         common = dict(
             is_causal=causal, key_padding_mask=real, alpha=alpha, beta=beta, stats="head",
-            temperature=self.temperature,
+            temperature=self.temperature, constants=self._op_constants(alpha),
         )
         if self.diag:
             return lln_diag_attention_matrix(q, k, block_size=self.block_size, **common)

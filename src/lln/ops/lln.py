@@ -43,7 +43,13 @@ from ._validation import (
     check_qkv,
     compute_dtype,
 )
-from .moment_matching import PrefixMoments, check_stats_mode, moment_match_with_moments
+from .moment_matching import (
+    PrefixMoments,
+    check_constants_mode,
+    check_stats_mode,
+    moment_match_with_moments,
+    resolve_constants,
+)
 from .state import LLNState
 
 NEG_INF = float("-inf")
@@ -83,19 +89,22 @@ def feature_scales(
     stats: str,
     temperature: float,
     state: LLNState | None = None,
+    constants: str = "paper",
 ) -> tuple[Tensor, Tensor, PrefixMoments | None]:
     """``(alpha, beta, moments_after)`` in the compute dtype, shapes ``(B|1, H|1, N|1, 1)``.
 
-    alpha/beta are moment-matched when None (continuing the prefix statistics of ``state``),
-    else broadcast from ``(B, H, 1, 1)``. Shared by the fast path and the quadratic oracle, so
-    both see the very same feature maps.
+    alpha/beta are moment-matched when None (continuing the prefix statistics of ``state``,
+    with the ``constants`` mode's (a, b)), else broadcast from ``(B, H, 1, 1)``. Shared by the
+    fast path and the quadratic oracle, so both see the very same feature maps.
     """
     cdt = compute_dtype(q.dtype)
     b, h = q.shape[:2]
     if alpha is None:
+        fit_a, fit_b = resolve_constants(constants, q.shape[-1])
         alpha, beta, moments = moment_match_with_moments(
             q, k, stats=stats, is_causal=is_causal, key_padding_mask=key_padding_mask,
             temperature=temperature, moments=None if state is None else state.moments,
+            a=fit_a, b=fit_b,
         )
     else:
         shape = (b, h, 1, 1)
@@ -121,6 +130,7 @@ def check_lln_args(
     initial_state: LLNState | None,
     output_final_state: bool,
     block_size: int | None,
+    constants: str = "paper",
 ) -> Tensor | None:
     """Validate the arguments shared by ``lln_attention`` and ``lln_diag_attention``.
 
@@ -132,6 +142,11 @@ def check_lln_args(
     if (alpha is None) != (beta is None):
         raise ValueError("alpha and beta must be given together (or both None for moment matching)")
     check_stats_mode(stats, is_causal=is_causal and alpha is None)
+    if check_constants_mode(constants) != "paper" and alpha is not None:
+        raise ValueError(
+            f"constants={constants!r} chooses the moment-matching constants, which explicit "
+            "alpha, beta bypass; pass either alpha and beta or constants, not both"
+        )
     check_positive_float(temperature, "temperature")
     check_nonnegative_float(eps, "eps")
     check_positive_int(chunk_size, "chunk_size")
@@ -346,13 +361,14 @@ def lln_forward(
     chunk_size: int,
     state: LLNState | None,
     block_size: int | None = None,
+    constants: str = "paper",
 ) -> tuple[Tensor, LLNState | None]:
     """LLN on validated inputs. Returns the output in the compute dtype and, when causal,
     the state after the input (``block_*`` fields are left for the caller)."""
     cdt = compute_dtype(q.dtype)
     alpha_t, beta_t, moments = feature_scales(
         q, k, is_causal=is_causal, key_padding_mask=mask, alpha=alpha, beta=beta,
-        stats=stats, temperature=temperature, state=state,
+        stats=stats, temperature=temperature, state=state, constants=constants,
     )
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     if not is_causal:
@@ -379,6 +395,7 @@ def lln_attention(
     beta: float | Tensor | None = None,
     stats: str = "head",
     temperature: float = 1.0,
+    constants: str = "paper",
     eps: float = 0.0,
     chunk_size: int = 64,
     initial_state: LLNState | None = None,
@@ -402,6 +419,11 @@ def lln_attention(
             and head, default), ``"sequence"`` (per sequence), ``"tensor"`` (the whole batch,
             like the reference code; non-causal only). Causal modes use prefix statistics.
         temperature: divides the moment-matched sigma_tilde (> 1 flattens the attention).
+        constants: the moment-matching constants (a, b): ``"paper"`` (the paper's D = 64
+            fit, :data:`lln.MOMENT_A`, :data:`lln.MOMENT_B`; default) or ``"head_dim"``
+            (calibrated for the head dim D of q,
+            :func:`lln.ops.moment_matching.moment_constants`). Moment matching only: with
+            explicit alpha, beta only ``"paper"`` is accepted.
         eps: added to the normalised denominator (default 0: exact; rows without keys give 0).
         chunk_size: tokens per chunk of the causal path (a speed knob; results agree to
             rounding for every value).
@@ -415,10 +437,12 @@ def lln_attention(
         q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha,
         beta=beta, stats=stats, temperature=temperature, eps=eps, chunk_size=chunk_size,
         initial_state=initial_state, output_final_state=output_final_state, block_size=None,
+        constants=constants,
     )
     out, state = lln_forward(
         q, k, v, is_causal=is_causal, mask=mask, alpha=alpha, beta=beta, stats=stats,
         temperature=temperature, eps=eps, chunk_size=chunk_size, state=initial_state,
+        constants=constants,
     )
     out = out.to(v.dtype)
     return (out, state) if output_final_state else out

@@ -32,6 +32,7 @@ def lln_diag_attention(
     beta: float | Tensor | None = None,
     stats: str = "head",
     temperature: float = 1.0,
+    constants: str = "paper",
     eps: float = 0.0,
     chunk_size: int = 64,
     block_size: int | None = None,
@@ -45,8 +46,8 @@ def lln_diag_attention(
 
     Args:
         q, k: ``(B, H, N, D)``; v: ``(B, H, N, Dv)``.
-        is_causal, key_padding_mask, alpha, beta, stats, temperature, eps, chunk_size,
-        initial_state, output_final_state: as in :func:`lln.lln_attention`.
+        is_causal, key_padding_mask, alpha, beta, stats, temperature, constants, eps,
+        chunk_size, initial_state, output_final_state: as in :func:`lln.lln_attention`.
         block_size: tokens per diagonal block (default D); blocks are aligned to the start
             of the sequence, also across chained calls.
         scale: softmax score scale inside blocks (default ``1 / sqrt(D)``).
@@ -61,7 +62,7 @@ def lln_diag_attention(
         q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha,
         beta=beta, stats=stats, temperature=temperature, eps=eps, chunk_size=chunk_size,
         initial_state=initial_state, output_final_state=output_final_state,
-        block_size=block_size,
+        block_size=block_size, constants=constants,
     )
     b, h, n, _ = q.shape
     cdt = compute_dtype(q.dtype)
@@ -74,8 +75,8 @@ def lln_diag_attention(
     )
     parts = dict(
         is_causal=is_causal, alpha=alpha, beta=beta, stats=stats, temperature=temperature,
-        eps=eps, chunk_size=chunk_size, block_size=block_size, scale=scale, lln_weight=lln_w,
-        diag_weight=diag_w,
+        constants=constants, eps=eps, chunk_size=chunk_size, block_size=block_size,
+        scale=scale, lln_weight=lln_w, diag_weight=diag_w,
     )
     if not is_causal:
         return _lln_diag_piece(q, k, v, mask, None, **parts)[0].to(v.dtype)
@@ -107,6 +108,7 @@ def _lln_diag_piece(
     beta: float | Tensor | None,
     stats: str,
     temperature: float,
+    constants: str,
     eps: float,
     chunk_size: int,
     block_size: int,
@@ -122,7 +124,7 @@ def _lln_diag_piece(
     lln_out, new_state = lln_forward(
         q, k, v, is_causal=is_causal, mask=mask, alpha=alpha, beta=beta, stats=stats,
         temperature=temperature, eps=eps, chunk_size=chunk_size, state=state,
-        block_size=block_size,
+        block_size=block_size, constants=constants,
     )
     # The diagonal part of a continued sequence: prepend the unfinished block so that the
     # input starts on a block boundary, then drop the outputs of the prepended tokens.

@@ -47,8 +47,9 @@ MOMENT_B: float = -0.35487039130661086
 
 #: Calibrated ``(a, b)`` per head dim D, from ``lln calibrate`` (docs/analysis.md): symmetric
 #: split, N = 512, sigma_lln^2 in [1.3, 18] on a grid uniform in sigma_lln. The paper's
-#: constants (:data:`MOMENT_A`, :data:`MOMENT_B`) stay the default everywhere; use these through
-#: :func:`moment_constants` (e.g. ``moment_match(q, k, constants="head_dim")``).
+#: constants (:data:`MOMENT_A`, :data:`MOMENT_B`) stay the default everywhere; use these with
+#: ``constants="head_dim"`` (``moment_match``, ``lln_attention``, ``lln_diag_attention``, their
+#: matrices, ``LLNAttention``) or through :func:`moment_constants`.
 MOMENT_CONSTANTS: dict[int, tuple[float, float]] = {
     16: (0.2135, -0.3613),
     32: (0.1774, -0.3706),
@@ -56,7 +57,9 @@ MOMENT_CONSTANTS: dict[int, tuple[float, float]] = {
     128: (0.1254, -0.3425),
 }
 
-#: Where :func:`moment_match` takes (a, b) from: the arguments, or :func:`moment_constants`.
+#: Where the ops take (a, b) from (keyword ``constants``): ``"paper"`` (:data:`MOMENT_A`,
+#: :data:`MOMENT_B`, or the ``a``, ``b`` of :func:`moment_match`) or ``"head_dim"``
+#: (:func:`moment_constants` of the head dim of q).
 CONSTANTS_MODES = ("paper", "head_dim")
 
 STATS_MODES = ("tensor", "sequence", "head")
@@ -110,6 +113,30 @@ def moment_constants(head_dim: int) -> tuple[float, float]:
     t = (math.log2(head_dim) - math.log2(lower)) / (math.log2(upper) - math.log2(lower))
     (a0, b0), (a1, b1) = MOMENT_CONSTANTS[lower], MOMENT_CONSTANTS[upper]
     return a0 + t * (a1 - a0), b0 + t * (b1 - b0)
+
+
+def check_constants_mode(constants: object) -> str:
+    """``constants`` if it is one of :data:`CONSTANTS_MODES`, else ValueError."""
+    if constants not in CONSTANTS_MODES:
+        raise ValueError(f"constants must be one of {CONSTANTS_MODES}, got {constants!r}")
+    return constants
+
+
+def resolve_constants(
+    constants: str, head_dim: int, *, a: float = MOMENT_A, b: float = MOMENT_B
+) -> tuple[float, float]:
+    """The moment-matching ``(a, b)`` that the ``constants`` mode selects.
+
+    ``"paper"``: ``(a, b)`` as given (default: the paper's D = 64 fit). ``"head_dim"``:
+    :func:`moment_constants` of ``head_dim``; ``a``, ``b`` must then be left at their
+    defaults (ValueError otherwise). The one place every op and layer turns the mode into
+    constants.
+    """
+    if check_constants_mode(constants) == "paper":
+        return a, b
+    if (a, b) != (MOMENT_A, MOMENT_B):
+        raise ValueError("pass either constants='head_dim' or explicit a, b, not both")
+    return moment_constants(head_dim)
 
 
 def check_stats_mode(stats: object, *, is_causal: bool) -> str:
@@ -272,12 +299,7 @@ def moment_match(
     mask = check_key_padding_mask(key_padding_mask, k)
     check_stats_mode(stats, is_causal=is_causal)
     temperature = check_positive_float(temperature, "temperature")
-    if constants not in CONSTANTS_MODES:
-        raise ValueError(f"constants must be one of {CONSTANTS_MODES}, got {constants!r}")
-    if constants == "head_dim":
-        if (a, b) != (MOMENT_A, MOMENT_B):
-            raise ValueError("pass either constants='head_dim' or explicit a, b, not both")
-        a, b = moment_constants(q.shape[-1])
+    a, b = resolve_constants(constants, q.shape[-1], a=a, b=b)
     check_positive_float(a, "a")
     if not math.isfinite(b):
         raise ValueError(f"b must be a finite float, got {b!r}")

@@ -47,6 +47,7 @@ def lln_attention_matrix(
     beta: float | Tensor | None = None,
     stats: str = "head",
     temperature: float = 1.0,
+    constants: str = "paper",
 ) -> Tensor:
     """The row-stochastic LLN attention matrix ``(B, H, L, S)`` (compute dtype).
 
@@ -55,11 +56,11 @@ def lln_attention_matrix(
     mask = check_lln_args(
         q, k, k, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha,
         beta=beta, stats=stats, temperature=temperature, eps=0.0, chunk_size=1,
-        initial_state=None, output_final_state=False, block_size=None,
+        initial_state=None, output_final_state=False, block_size=None, constants=constants,
     )
     alpha_t, beta_t, _ = feature_scales(
         q, k, is_causal=is_causal, key_padding_mask=mask, alpha=alpha, beta=beta,
-        stats=stats, temperature=temperature,
+        stats=stats, temperature=temperature, constants=constants,
     )
     cdt = compute_dtype(q.dtype)
     qs, ks = q.to(cdt) * alpha_t, k.to(cdt) * beta_t
@@ -114,6 +115,7 @@ def lln_diag_attention_matrix(
     beta: float | Tensor | None = None,
     stats: str = "head",
     temperature: float = 1.0,
+    constants: str = "paper",
     block_size: int | None = None,
     scale: float | None = None,
     lln_weight: float = 0.5,
@@ -126,7 +128,7 @@ def lln_diag_attention_matrix(
     """
     p_lln = lln_attention_matrix(
         q, k, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha, beta=beta,
-        stats=stats, temperature=temperature,
+        stats=stats, temperature=temperature, constants=constants,
     )
     p_diag = block_diag_attention_matrix(
         q, k, block_size=block_size, is_causal=is_causal, key_padding_mask=key_padding_mask,
