@@ -28,6 +28,7 @@ from lln.ops.moment_matching import (
     moment_constants,
     moment_match,
 )
+from lln.ops.naive import lln_attention_matrix
 from lln.ops.registry import get_attention
 
 F64 = torch.float64
@@ -269,8 +270,10 @@ def test_lln_variants():
     alpha, beta = moment_match(q, k, a=a, b=b)
     w = torch.einsum("bhid,bhjd->bhij", (alpha * q).exp(), (beta * k).exp())
     torch.testing.assert_close(attention_matrix("lln_dim", q, k), w / w.sum(-1, True))
-    with pytest.raises(ValueError, match="non-causal"):
-        attention_matrix("lln_dim", q, k, is_causal=True)
+    causal = attention_matrix("lln_dim", q, k, is_causal=True)  # prefix statistics
+    torch.testing.assert_close(causal, lln_attention_matrix(q, k, is_causal=True,
+                                                            constants="head_dim"))
+    assert float(causal.triu(1).abs().max()) == 0.0
     with pytest.raises(ValueError, match="unknown method"):
         attention_matrix("nope", q, k)
     with pytest.raises(ValueError, match="no explicit attention matrix"):

@@ -8,8 +8,9 @@ names this module adds LLN variants that the paper's analysis compares:
 ``lln_performer``  the reference code's "Performer" variant, ``alpha = beta = D^(-1/4)``
                    (the softmax scale ``1/sqrt(D)`` split between queries and keys).
 ``lln_dim``        moment-matched LLN with the constants ``(a, b)`` calibrated for the actual
-                   head dim (:func:`lln.ops.moment_matching.moment_constants`) instead of the
-                   paper's D = 64 values; non-causal only.
+                   head dim (``constants="head_dim"``,
+                   :func:`lln.ops.moment_matching.moment_constants`) instead of the paper's
+                   D = 64 values.
 
     >>> p = attention_matrix("softmax", q, k, is_causal=True)     # doctest: +SKIP
     >>> mean_entropy(p, normalize=True, is_causal=True)           # doctest: +SKIP
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..ops.moment_matching import moment_constants, moment_match
 from ..ops.naive import lln_attention_matrix
 from ..ops.registry import ATTENTIONS, get_attention
 
@@ -27,7 +27,7 @@ from ..ops.registry import ATTENTIONS, get_attention
 LLN_VARIANTS: dict[str, str] = {
     "lln_fixed": "LLN without moment matching, alpha = beta = 1",
     "lln_performer": "LLN with alpha = beta = D^(-1/4) (the reference code's 'Performer' variant)",
-    "lln_dim": "moment-matched LLN with the head-dim constants (a, b) (non-causal)",
+    "lln_dim": "moment-matched LLN with the head-dim constants (a, b)",
 }
 
 
@@ -62,25 +62,15 @@ def attention_matrix(
         ``matrix @ v`` equal to the method's output.
 
     Raises:
-        ValueError: unknown method, a method without an explicit matrix, or ``lln_dim`` with
-        ``is_causal=True``.
+        ValueError: unknown method, or a method without an explicit matrix.
     """
+    if method == "lln_dim":
+        return lln_attention_matrix(q, k, is_causal=is_causal,
+                                    key_padding_mask=key_padding_mask, constants="head_dim",
+                                    **options)
     if method in LLN_VARIANTS:
-        if method == "lln_dim":
-            if is_causal:
-                raise ValueError(
-                    "method 'lln_dim' is non-causal only (lln_attention takes per-sequence "
-                    "alpha, beta); use is_causal=False"
-                )
-            a, b = moment_constants(q.shape[-1])
-            alpha, beta = moment_match(
-                q, k, key_padding_mask=key_padding_mask, a=a, b=b,
-                stats=options.pop("stats", "head"),
-                temperature=options.pop("temperature", 1.0),
-            )
-        else:
-            scale = 1.0 if method == "lln_fixed" else q.shape[-1] ** -0.25
-            alpha, beta = scale, scale
+        scale = 1.0 if method == "lln_fixed" else q.shape[-1] ** -0.25
+        alpha, beta = scale, scale
         return lln_attention_matrix(
             q, k, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha,
             beta=beta, **options,
