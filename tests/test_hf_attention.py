@@ -20,6 +20,11 @@ from lln.hf.attention import hf_attention  # noqa: E402
 
 TOL = 1e-10
 VOCAB = 61
+#: BERT calls its attention through AttentionInterface from transformers 5 on (4.x: fixed classes)
+bert_interface = pytest.mark.skipif(
+    not transformers.BertModel._supports_attention_backend,
+    reason=f"BERT does not use AttentionInterface in transformers {transformers.__version__}",
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,6 +81,19 @@ def test_register_is_idempotent_and_fills_both_interfaces():
     for name in ("lln", "lln_diag"):
         assert name in AttentionInterface._global_mapping
         assert AttentionMaskInterface._global_mapping[name] is lln.hf.padding_mask
+
+
+def test_too_old_transformers_is_refused_by_name(monkeypatch):
+    """Importing lln.hf with transformers older than the bound names both versions."""
+    import importlib
+
+    import lln.hf._requirements as requirements
+
+    monkeypatch.setattr("transformers.__version__", "4.55.4")  # the module lln.hf imports
+    with pytest.raises(ImportError, match=r"transformers >= 4\.56, found 4\.55\.4"):
+        importlib.reload(requirements)
+    monkeypatch.undo()
+    importlib.reload(requirements)  # the real version passes
 
 
 @pytest.mark.parametrize("n", [1, 13])
@@ -145,6 +163,7 @@ def test_llama_padded_batch_equals_per_sample(impl, side):
         assert (unmasked[1, rows] - batch[1, rows]).abs().max() > 1e-3
 
 
+@bert_interface
 @pytest.mark.parametrize("impl", ["lln", "lln_diag"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_bert_padded_batch_equals_per_sample(impl, side):

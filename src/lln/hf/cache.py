@@ -41,6 +41,7 @@ class LLNCacheLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs) -> None:
         super().__init__()
+        self.is_initialized = False  # set by the base class from transformers 4.57 on
         self.state: LLNState | None = None
         self.window: DiagWindow | None = None
         self.seen = 0  # tokens consumed, padding included (what the masks are sized by)
@@ -82,6 +83,8 @@ class LLNCacheLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+    get_max_cache_shape = get_max_length  # the name of this method in transformers 4.x
 
     def offload(self) -> None:  # the state is small: nothing to offload
         return None

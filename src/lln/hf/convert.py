@@ -178,10 +178,11 @@ def load_converted(
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     model = cls.from_pretrained(path, attn_implementation=impl, dtype=dtype,
                                 local_files_only=True)
-    try:
+    # only a saved tokenizer: without one, transformers 4.x tries to build a model's default
+    # tokenizer from nothing (and fails with ImportError or AttributeError, not OSError)
+    tokenizer = None
+    if (Path(path) / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError):
-        tokenizer = None
     return model.eval(), tokenizer
 
 

@@ -320,7 +320,8 @@ def attach(model: nn.Module, *, options: dict | None = None) -> dict[str, LLNAtt
     if not found:
         raise ValueError(
             f"{type(model).__name__} has no attention module with config, is_causal, scaling "
-            "and layer_idx attributes (transformers >= 4.56 attention-interface models)"
+            "and layer_idx attributes: LLN needs a model that calls its attention through "
+            "transformers' AttentionInterface (BERT-family encoders do so from transformers 5 on)"
         )
     config = found[0][1].config
     saved = _config_lln(config) or {}

@@ -166,14 +166,22 @@ def capture(model: nn.Module, batches: Iterable, *, progress: bool = True) -> Ca
     AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, padding_mask)
     was_training = model.training
     model.eval()
+    seen = 0
     try:
         with attn_implementation(model, CAPTURE_IMPLEMENTATION):
             for batch in tqdm(batches, desc="recording softmax", disable=not progress):
                 model(**_as_kwargs(batch))
+                seen += 1
     finally:
         model.train(was_training)
+    if seen == 0:
+        raise ValueError("capture() got no batches")
     if not result.records:
-        raise ValueError("capture() got no batches (or the model has no attention layers)")
+        raise ValueError(
+            "capture() recorded no attention call: the model has no attention layers, or does "
+            "not call its attention through transformers' AttentionInterface (BERT-family "
+            "encoders do so from transformers 5 on)"
+        )
     return result
 
 

@@ -73,6 +73,14 @@ def load_minilm(
         ``(model, tokenizer)``: a ``transformers.BertModel`` in eval mode and its tokenizer.
     """
     transformers = require_transformers()
+    if attn_implementation not in ("eager", "sdpa") and not (
+        transformers.BertModel._supports_attention_backend
+    ):
+        raise ValueError(
+            f"attn_implementation {attn_implementation!r} needs a BERT that calls its attention "
+            "through transformers' AttentionInterface (transformers >= 5); installed: "
+            f"transformers {transformers.__version__}, whose BERT has only 'eager' and 'sdpa'"
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = minilm_path()
     model = transformers.BertModel.from_pretrained(
