@@ -202,3 +202,31 @@ def test_uncalibrated_model_moment_matches_per_sequence():
     ke = k.repeat_interleave(2, 1)
     expected = lln.lln_attention(q, ke, ke, is_causal=True)
     torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_head_dim_constants_at_run_time_and_in_calibrate():
+    """options constants="head_dim": uncalibrated layers moment-match with the head-dim
+    constants; calibrate(constants=...) freezes scales from them; bad values fail early."""
+    model = llama("lln")
+    lln.hf.attach(model, options={"constants": "head_dim"})
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 6, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64)
+    out, _ = lln.hf.lln_hf_attention(attn, q, k, k, None, scaling=attn.scaling)
+    ke = k.repeat_interleave(2, 1)
+    expected = lln.lln_attention(q, ke, ke, is_causal=True, constants="head_dim")
+    torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-12, atol=1e-12)
+    paper = lln.lln_attention(q, ke, ke, is_causal=True)
+    assert not torch.allclose(out.transpose(1, 2), paper, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="constants"):
+        lln.hf.attach(model, options={"constants": "d64"})
+
+    scales = {}
+    for constants in ("paper", "head_dim"):
+        fresh = llama("lln")
+        lln.hf.calibrate(fresh, [ids(2, 9)], constants=constants, progress=False)
+        scales[constants] = fresh.model.layers[0].self_attn.lln.scales()[0].detach()
+    assert not torch.allclose(scales["paper"], scales["head_dim"])
+    with pytest.raises(ValueError, match="constants"):
+        lln.hf.calibrate(llama("lln"), [ids(2, 9)], constants="d64", progress=False)

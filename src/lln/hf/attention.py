@@ -104,6 +104,7 @@ def _lln_family(
         q, k, v, is_causal=is_causal, key_padding_mask=mask, alpha=alpha, beta=beta,
         eps=options["eps"], chunk_size=options["chunk_size"], initial_state=state,
         output_final_state=keep_state,
+        constants=options["constants"] if alpha is None else "paper",  # else frozen scales
     )
     if keep_state:
         lln_out, state = lln_out

@@ -53,7 +53,9 @@ MODULE_NAME = "lln"
 #: Parameter names saved per layer in ``config.lln["layers"]``.
 PARAM_NAMES = ("log_alpha", "log_beta", "log_temperature", "lln_weight", "diag_weight")
 #: Defaults of ``config.lln["options"]`` (op keyword options; None = the op's default).
-DEFAULT_OPTIONS = {"chunk_size": 64, "block_size": None, "eps": 0.0}
+#: ``constants`` ("paper" | "head_dim") applies to the run-time moment matching of layers
+#: that were not calibrated.
+DEFAULT_OPTIONS = {"chunk_size": 64, "block_size": None, "eps": 0.0, "constants": "paper"}
 
 
 class LLNAttentionParams(nn.Module):
@@ -309,9 +311,9 @@ def attach(model: nn.Module, *, options: dict | None = None) -> dict[str, LLNAtt
 
     Values come from ``model.config.lln`` when present (a loaded converted model), else the
     defaults (uncalibrated). ``options`` updates ``config.lln["options"]`` (``chunk_size``,
-    ``block_size``, ``eps``). Afterwards ``model.config.lln`` tracks the live values and the
-    parameters are excluded from the weights file of ``save_pretrained`` (they are saved in
-    ``config.json``).
+    ``block_size``, ``eps``, ``constants``). Afterwards ``model.config.lln`` tracks the live
+    values and the parameters are excluded from the weights file of ``save_pretrained`` (they
+    are saved in ``config.json``).
 
     Returns:
         ``{qualified module name: params}``.
@@ -329,6 +331,8 @@ def attach(model: nn.Module, *, options: dict | None = None) -> dict[str, LLNAtt
         unknown = set(options) - set(DEFAULT_OPTIONS)
         if unknown:
             raise ValueError(f"unknown options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
+        if "constants" in options:
+            check_constants_mode(options["constants"])
     merged = {**DEFAULT_OPTIONS, **saved.get("options", {}), **(options or {})}
     out = {}
     for name, module in found:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..ops.moment_matching import MOMENT_A, MOMENT_B
+from ..ops.moment_matching import MOMENT_A, MOMENT_B, check_constants_mode
 from .params import attach
 
 
@@ -44,6 +44,7 @@ def calibrate(
     forward: str = "softmax",
     a: float = MOMENT_A,
     b: float = MOMENT_B,
+    constants: str = "paper",
     progress: bool = True,
 ) -> dict[str, dict[str, Tensor]]:
     """Record sigma_q, sigma_k per layer and head on ``batches`` and freeze alpha, beta.
@@ -58,6 +59,8 @@ def calibrate(
             exact softmax, so every layer sees the pretrained model's activations — the
             statistics of the model being converted) or ``"lln"`` (the converted model's own).
         a, b: the moment-matching fit ``Var(log P) = a * sigma^2 + b`` (defaults: D = 64).
+        constants: ``"paper"`` (use ``a``, ``b``) or ``"head_dim"`` (the constants calibrated
+            for the model's head dim, :func:`lln.ops.moment_matching.moment_constants`).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -69,6 +72,7 @@ def calibrate(
             f"calibrate() needs a model using attn_implementation 'lln' or 'lln_diag', got "
             f"{impl!r}: call lln.hf.register() and load the model with attn_implementation='lln'"
         )
+    check_constants_mode(constants)  # before the (long) recording pass
     attached = attach(model)
     for params in attached.values():
         params.start_calibration(forward=forward)
@@ -83,7 +87,8 @@ def calibrate(
             raise ValueError("calibrate() got no batches")
         out = {}
         for name, params in attached.items():
-            sigmas = params.finish_calibration(temperature=temperature, a=a, b=b)
+            sigmas = params.finish_calibration(temperature=temperature, a=a, b=b,
+                                               constants=constants)
             alpha, beta = params.scales()
             out[name] = {**sigmas, "alpha": alpha.detach().flatten().clone(),
                          "beta": beta.detach().flatten().clone()}
