@@ -191,42 +191,36 @@ def test_save_pretrained_round_trip(tmp_path):
         torch.testing.assert_close(reloaded[name].double(), p.double(), rtol=1e-6, atol=1e-7)
 
 
-def test_uncalibrated_model_moment_matches_per_sequence():
-    """Before calibration the layer equals the op with run-time (prefix) moment matching."""
+@pytest.mark.parametrize("constants", ["paper", "head_dim"])
+def test_uncalibrated_model_moment_matches_per_sequence(constants):
+    """Before calibration the layer equals the op with run-time (prefix) moment matching, with
+    the constants of config.lln["options"] (default "paper")."""
     model = llama("lln")
+    if constants != "paper":
+        lln.hf.attach(model, options={"constants": constants})
     attn = model.model.layers[0].self_attn
     g = torch.Generator().manual_seed(2)
     q = torch.randn(1, 4, 6, 8, generator=g, dtype=torch.float64)
     k = torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64)
     out, _ = lln.hf.lln_hf_attention(attn, q, k, k, None, scaling=attn.scaling)
     ke = k.repeat_interleave(2, 1)
-    expected = lln.lln_attention(q, ke, ke, is_causal=True)
+    expected = lln.lln_attention(q, ke, ke, is_causal=True, constants=constants)
     torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-12, atol=1e-12)
+    if constants != "paper":
+        paper = lln.lln_attention(q, ke, ke, is_causal=True)
+        assert not torch.allclose(out.transpose(1, 2), paper, rtol=1e-6, atol=0)
 
 
-def test_head_dim_constants_at_run_time_and_in_calibrate():
-    """options constants="head_dim": uncalibrated layers moment-match with the head-dim
-    constants; calibrate(constants=...) freezes scales from them; bad values fail early."""
-    model = llama("lln")
-    lln.hf.attach(model, options={"constants": "head_dim"})
-    attn = model.model.layers[0].self_attn
-    g = torch.Generator().manual_seed(2)
-    q = torch.randn(1, 4, 6, 8, generator=g, dtype=torch.float64)
-    k = torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64)
-    out, _ = lln.hf.lln_hf_attention(attn, q, k, k, None, scaling=attn.scaling)
-    ke = k.repeat_interleave(2, 1)
-    expected = lln.lln_attention(q, ke, ke, is_causal=True, constants="head_dim")
-    torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-12, atol=1e-12)
-    paper = lln.lln_attention(q, ke, ke, is_causal=True)
-    assert not torch.allclose(out.transpose(1, 2), paper, rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match="constants"):
-        lln.hf.attach(model, options={"constants": "d64"})
-
+def test_head_dim_constants_in_calibrate_and_options():
+    """calibrate(constants=...) freezes scales from the chosen constants; bad values fail
+    before any recording."""
     scales = {}
     for constants in ("paper", "head_dim"):
-        fresh = llama("lln")
-        lln.hf.calibrate(fresh, [ids(2, 9)], constants=constants, progress=False)
-        scales[constants] = fresh.model.layers[0].self_attn.lln.scales()[0].detach()
+        model = llama("lln")
+        lln.hf.calibrate(model, [ids(2, 9)], constants=constants, progress=False)
+        scales[constants] = model.model.layers[0].self_attn.lln.scales()[0].detach()
     assert not torch.allclose(scales["paper"], scales["head_dim"])
     with pytest.raises(ValueError, match="constants"):
         lln.hf.calibrate(llama("lln"), [ids(2, 9)], constants="d64", progress=False)
+    with pytest.raises(ValueError, match="constants"):
+        lln.hf.attach(llama("lln"), options={"constants": "d64"})
