@@ -24,7 +24,7 @@ from lln.bench import command, report, runner
 from lln.bench.decode import Decoder
 from lln.bench.fit import fit_exponent
 from lln.bench.measure import MemoryProbe, plan_repeats, summarize, time_runs
-from lln.bench.worker import default_config, run_config
+from lln.bench.worker import default_config, run_config, split_method
 from lln.cli import build_parser
 
 PLUGIN = '''
@@ -366,6 +366,28 @@ def test_methods_are_checked_before_running(tmp_path):
     with pytest.raises(ValueError, match="exactly once"):
         command.run(args)  # fails before any worker starts
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_method_options_are_parsed_checked_and_bound():
+    """``NAME[KEY=VALUE,...]`` passes keyword options to the method (e.g. checkpoint=True)."""
+    assert split_method("lln") == ("lln", {})
+    assert split_method("lln[checkpoint=True, chunk_size=32,constants=head_dim]") == (
+        "lln", {"checkpoint": True, "chunk_size": 32, "constants": "head_dim"}
+    )
+    assert split_method("pkg.mod:fn[scale=0.5]") == ("pkg.mod:fn", {"scale": 0.5})
+    for bad in ("lln[checkpoint]", "lln[]", "lln[checkpoint=True", "[x=1]", "lln[1x=2]"):
+        with pytest.raises(ValueError, match=r"NAME\[KEY=VALUE"):
+            split_method(bad)
+    names = ["lln", "lln[checkpoint=True]", "lln"]
+    assert command.resolve_methods(names, decode=False) == names[:2]
+    with pytest.raises(ValueError, match="valid names"):
+        command.resolve_methods(["nope[x=1]"], decode=False)
+    config = {"mode": "fwd_bwd", "causal": True, "method": "nystrom[num_landmarks=8]"}
+    assert command._unsupported(config) == "nystrom[num_landmarks=8] has no causal mode"
+    record = run_config(tiny_config(method="lln_diag[checkpoint=True,chunk_size=8]"))
+    assert record["status"] == "ok", record.get("traceback")
+    unknown = run_config(tiny_config(method="lln[no_such_option=1]"))
+    assert unknown["status"] == "error" and "no_such_option" in unknown["detail"]
 
 
 # --------------------------------------------------------------------------- end to end

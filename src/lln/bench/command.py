@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to run")
     what.add_argument(
         "--methods", nargs="+", default=None,
-        help="registry names, 'all', or module:function for your own attention "
+        help="registry names, 'all', or module:function for your own attention; "
+        "NAME[KEY=VALUE,...] passes keyword options, e.g. 'lln[checkpoint=True]' "
         f"(default: {' '.join(DEFAULT_METHODS)}; with --decode: "
         f"{' '.join(DEFAULT_DECODE_METHODS)})",
     )
@@ -130,6 +131,7 @@ def resolve_methods(names: list[str] | None, *, decode: bool) -> list[str]:
         ValueError: an unknown name (the message lists the valid ones).
     """
     from .decode import DECODE_METHODS
+    from .worker import split_method
 
     if decode:
         names = names or DEFAULT_DECODE_METHODS
@@ -144,20 +146,24 @@ def resolve_methods(names: list[str] | None, *, decode: bool) -> list[str]:
 
     names = names or DEFAULT_METHODS
     if "all" in names:
-        names = attention_names() + [n for n in names if ":" in n]
+        names = attention_names() + [n for n in names if n != "all"]
     for name in names:
-        if ":" not in name:
-            get_attention(name)
+        base = split_method(name)[0]
+        if ":" not in base:
+            get_attention(base)
     return list(dict.fromkeys(names))
 
 
 def _unsupported(config: dict[str, Any]) -> str | None:
     """Why a registry method cannot run this config (None when it can)."""
-    if config["mode"] == "decode" or ":" in config["method"] or not config["causal"]:
+    from .worker import split_method
+
+    method = split_method(config["method"])[0]
+    if config["mode"] == "decode" or ":" in method or not config["causal"]:
         return None
     from ..ops.registry import get_attention
 
-    if not get_attention(config["method"]).supports_causal:
+    if not get_attention(method).supports_causal:
         return f"{config['method']} has no causal mode"
     return None
 

@@ -14,7 +14,8 @@ the memory peak, then warm-up and timed calls. ``decode``: make the context, pre
 once, ``prefill_s``), make the tokens, reset the peak, then warm-up and timed steps.
 
 Config keys (see :func:`default_config`): ``method`` (a registry name, or ``module:attr``
-for any callable with the registry signature), ``mode`` (``fwd``, ``fwd_bwd`` or
+for any callable with the registry signature, either optionally followed by keyword options
+for it, ``NAME[KEY=VALUE,...]``: see :func:`split_method`), ``mode`` (``fwd``, ``fwd_bwd`` or
 ``decode``), ``n`` (sequence length, or context length T when decoding), ``batch``,
 ``heads``, ``dim``, ``dtype``, ``device``, ``causal``, ``threads``, ``seed``, timing
 options (``warmup``, ``repeats``, ``long_seconds``, ``target_seconds``, ``min_repeats``,
@@ -28,6 +29,8 @@ recorded by the parent (:mod:`lln.bench.runner`).
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 import json
 import sys
@@ -68,8 +71,44 @@ def default_config() -> dict[str, Any]:
     }
 
 
+def split_method(name: str) -> tuple[str, dict[str, Any]]:
+    """A method name and the keyword options it carries, e.g. ``"lln[checkpoint=True]"`` ->
+    ``("lln", {"checkpoint": True})``.
+
+    Options are ``KEY=VALUE`` separated by commas; a value is read as a Python literal
+    (``True``, ``64``, ``1.5``, ``None``), or else taken as a string.
+
+    Raises:
+        ValueError: a malformed option list (the message shows the expected form).
+    """
+    base, bracket, rest = name.partition("[")
+    if not bracket:
+        return name, {}
+    options: dict[str, Any] = {}
+    items = rest[:-1].split(",") if rest.endswith("]") else []
+    for item in items:
+        key, equals, text = (part.strip() for part in item.partition("="))
+        if not (equals and key.isidentifier()):
+            items = []
+            break
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    if not (base and items):
+        raise ValueError(
+            f"method {name!r}: options must read NAME[KEY=VALUE,...], e.g. "
+            "'lln[checkpoint=True]'"
+        )
+    return base, options
+
+
 def resolve_method(name: str) -> Callable[..., Any]:
-    """The attention function for ``name``: a registry name or ``package.module:attr``."""
+    """The attention function for ``name``: a registry name or ``package.module:attr``,
+    with the keyword options of ``NAME[KEY=VALUE,...]`` bound (see :func:`split_method`)."""
+    name, options = split_method(name)
+    if options:
+        return functools.partial(resolve_method(name), **options)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:

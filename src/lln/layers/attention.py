@@ -19,6 +19,7 @@ from ..ops import (
     lln_diag_attention,
     lln_diag_attention_matrix,
 )
+from ..ops._validation import check_bool
 from ..ops.moment_matching import (
     check_constants_mode,
     head_variances,
@@ -73,6 +74,9 @@ class LLNAttention(nn.Module):
             default) or ``"head_dim"`` (calibrated for the head dim, see
             :func:`lln.lln_attention`); used with every ``stats`` mode.
         chunk_size: chunk length of the causal kernel.
+        checkpoint: activation checkpointing inside the causal op while training (see
+            :func:`lln.lln_attention`): backward recomputes the attention one segment at a
+            time instead of keeping its intermediates. Same outputs and gradients.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class LLNAttention(nn.Module):
         temperature: float = 1.0,
         constants: str = "paper",
         chunk_size: int = 64,
+        checkpoint: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -107,6 +112,7 @@ class LLNAttention(nn.Module):
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
         check_constants_mode(constants)
+        self.checkpoint = check_bool(checkpoint, "checkpoint")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
@@ -229,7 +235,7 @@ class LLNAttention(nn.Module):
         common = dict(
             is_causal=causal, key_padding_mask=real, alpha=alpha, beta=beta, stats="head",
             temperature=self.temperature, constants=self._op_constants(alpha),
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, checkpoint=self.checkpoint,
             initial_state=initial_state, output_final_state=output_final_state,
         )
         lln_w, diag_w = self._weights()

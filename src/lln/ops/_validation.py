@@ -153,3 +153,10 @@ def check_is_causal(is_causal: object) -> bool:
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     return is_causal
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` itself, after checking that it is a bool (not a truthy tensor or int)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+    return value

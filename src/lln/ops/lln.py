@@ -24,17 +24,24 @@ How it stays exact and stable:
 * **Precision.** Features and sums are float32 (float64 for float64 inputs); the output is
   cast back to the dtype of ``v``. Offsets carry no gradient (the output does not depend
   on them), so backward stores only O(N * (C + D) + (N / C) * D * Dv) per head.
+* **Checkpointing** (``checkpoint=True``, causal, while autograd records): each segment
+  runs under non-reentrant activation checkpointing, so backward keeps only the segment
+  inputs and the carried states and recomputes one segment at a time.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from functools import partial
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from ._validation import (
     broadcast_param,
+    check_bool,
     check_is_causal,
     check_key_padding_mask,
     check_nonnegative_float,
@@ -55,6 +62,37 @@ from .state import LLNState
 NEG_INF = float("-inf")
 #: Chunks per segment of the causal path (see ``_causal``).
 SEGMENT_CHUNKS = 16
+
+
+def segment_runner(fn: Callable, checkpoint: bool, *tensors: Tensor | None) -> Callable:
+    """``fn`` itself, or ``fn`` under non-reentrant activation checkpointing when
+    ``checkpoint`` is set and autograd records a graph through one of ``tensors``.
+
+    Checkpointed, a call of ``fn`` keeps only its arguments for backward, which reruns it
+    (without the RNG state: the kernels draw no random numbers). Without grad mode (or
+    with nothing requiring grad) there is nothing to save, so ``fn`` runs as is.
+    """
+    if checkpoint and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors
+    ):
+        return partial(
+            torch.utils.checkpoint.checkpoint, fn, use_reentrant=False, preserve_rng_state=False
+        )
+    return fn
+
+
+def warn_lost_rows(lost: Tensor | int) -> None:
+    """The RuntimeWarning for causal rows whose every term underflowed (see ``_causal``),
+    pointing at the caller of the public op; nothing when ``lost`` is 0."""
+    if int(lost):
+        warnings.warn(
+            f"causal LLN: {int(lost)} rows underflowed to a zero denominator and were set to "
+            "0. Inside a chunk the offsets are per token, which covers exponents "
+            "alpha*q + beta*k up to about +-80 apart in float32 (+-700 in float64); use "
+            "smaller alpha/beta (a higher temperature) or float64.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _finite_or_zero(x: Tensor) -> Tensor:
@@ -131,6 +169,7 @@ def check_lln_args(
     output_final_state: bool,
     block_size: int | None,
     constants: str = "paper",
+    checkpoint: bool = False,
 ) -> Tensor | None:
     """Validate the arguments shared by ``lln_attention`` and ``lln_diag_attention``.
 
@@ -150,6 +189,7 @@ def check_lln_args(
     check_positive_float(temperature, "temperature")
     check_nonnegative_float(eps, "eps")
     check_positive_int(chunk_size, "chunk_size")
+    check_bool(checkpoint, "checkpoint")
     if (initial_state is not None or output_final_state) and not is_causal:
         raise ValueError(
             "initial_state / output_final_state need is_causal=True: a non-causal output "
@@ -218,19 +258,24 @@ def _noncausal(
 
 def _causal(
     q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, mask: Tensor | None,
-    state: LLNState, chunk_size: int, eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    state: LLNState, chunk_size: int, eps: float, checkpoint: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | int]:
     """Causal LLN over segments of ``SEGMENT_CHUNKS`` chunks, chained through the state.
 
     Working on segments keeps every temporary small enough for the CPU caches (and out of
     fresh ``mmap`` pages), which keeps time linear in N at long lengths. ``split`` (not
-    slicing) keeps backward linear. Returns ``(out (B,H,N,Dv), kv, k_sum, k_max)``.
+    slicing) keeps backward linear. ``q, k, v`` may be in the input dtype: each segment is
+    cast to the compute dtype (that of the state) on its own. ``checkpoint``: run each
+    segment under activation checkpointing when autograd records (see ``segment_runner``).
 
-    Known limit: inside a chunk the offsets are scalars per token (they must not look
-    ahead), so a query misaligned by more than the float range with every visible key's
-    largest feature loses all its terms. In float32 that starts around sigma_tilde ~ 40,
-    which moment matching reaches at input std ~ 4-5 (sigma = 3 gives 16 and is tested);
-    it is reported with a RuntimeWarning rather than returned silently.
+    Returns ``(out (B,H,N,Dv), kv, k_sum, k_max, lost)`` with ``lost`` the number of rows
+    whose every term underflowed (for :func:`warn_lost_rows`). Known limit: inside a chunk
+    the offsets are scalars per token (they must not look ahead), so a query misaligned by
+    more than the float range with every visible key's largest feature loses all its terms.
+    In float32 that starts around sigma_tilde ~ 40, which moment matching reaches at input
+    std ~ 4-5 (sigma = 3 gives 16 and is tested); it is reported with a RuntimeWarning rather
+    than returned silently. The count is an output (the caller warns) so that recomputing a
+    checkpointed segment in backward cannot warn a second time.
     """
     segment = chunk_size * SEGMENT_CHUNKS
     kv, k_sum, k_max = state.kv, state.k_sum, state.k_max
@@ -242,25 +287,29 @@ def _causal(
             return [t] * n_segments
         return list(t.split(segment, dim))
 
+    run = segment_runner(_scaled_segment, checkpoint, q, k, v, alpha, beta, kv, k_sum)
     outs, lost = [], 0
     for q_seg, k_seg, v_seg, a_seg, b_seg, mask_seg in zip(
         *(pieces(t, 2) for t in (q, k, v, alpha, beta)), pieces(mask, 1), strict=True
     ):
-        out, kv, k_sum, k_max, lost_seg = _causal_segment(
-            q_seg * a_seg, k_seg * b_seg, v_seg, mask_seg, kv, k_sum, k_max, chunk_size, eps
+        out, kv, k_sum, k_max, lost_seg = run(
+            q_seg, k_seg, v_seg, a_seg, b_seg, mask_seg, kv, k_sum, k_max, chunk_size, eps
         )
         outs.append(out)
         lost = lost + lost_seg
-    if int(lost):
-        warnings.warn(
-            f"causal LLN: {int(lost)} rows underflowed to a zero denominator and were set to "
-            "0. Inside a chunk the offsets are per token, which covers exponents "
-            "alpha*q + beta*k up to about +-80 apart in float32 (+-700 in float64); use "
-            "smaller alpha/beta (a higher temperature) or float64.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-    return (outs[0] if n_segments == 1 else torch.cat(outs, 2)), kv, k_sum, k_max
+    return (outs[0] if n_segments == 1 else torch.cat(outs, 2)), kv, k_sum, k_max, lost
+
+
+def _scaled_segment(
+    q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, mask: Tensor | None,
+    kv: Tensor, k_sum: Tensor, k_max: Tensor, chunk_size: int, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One segment from the raw inputs: cast to the compute dtype, scale, run
+    ``_causal_segment``. (Inside, so that a checkpoint keeps only views of the inputs.)"""
+    cdt = kv.dtype
+    return _causal_segment(
+        q.to(cdt) * alpha, k.to(cdt) * beta, v.to(cdt), mask, kv, k_sum, k_max, chunk_size, eps
+    )
 
 
 def _causal_segment(
@@ -362,26 +411,30 @@ def lln_forward(
     state: LLNState | None,
     block_size: int | None = None,
     constants: str = "paper",
-) -> tuple[Tensor, LLNState | None]:
-    """LLN on validated inputs. Returns the output in the compute dtype and, when causal,
-    the state after the input (``block_*`` fields are left for the caller)."""
+    checkpoint: bool = False,
+) -> tuple[Tensor, LLNState | None, Tensor | int]:
+    """LLN on validated inputs. Returns the output in the compute dtype, when causal the
+    state after the input (``block_*`` fields are left for the caller), and the number of
+    underflowed rows (for :func:`warn_lost_rows`; 0 when not causal)."""
     cdt = compute_dtype(q.dtype)
     alpha_t, beta_t, moments = feature_scales(
         q, k, is_causal=is_causal, key_padding_mask=mask, alpha=alpha, beta=beta,
         stats=stats, temperature=temperature, state=state, constants=constants,
     )
-    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     if not is_causal:
-        return _noncausal(q, k, v, alpha_t, beta_t, mask, eps), None
+        q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+        return _noncausal(q, k, v, alpha_t, beta_t, mask, eps), None, 0
     if state is None:
         b, h, _, d = q.shape
         state = LLNState.empty(b, h, d, v.shape[-1], dtype=cdt, device=q.device)
-    out, kv, k_sum, k_max = _causal(q, k, v, alpha_t, beta_t, mask, state, chunk_size, eps)
+    out, kv, k_sum, k_max, lost = _causal(
+        q, k, v, alpha_t, beta_t, mask, state, chunk_size, eps, checkpoint=checkpoint
+    )
     new_state = LLNState(
         kv=kv, k_sum=k_sum, k_max=k_max, position=state.position + q.shape[2],
         stats=None if alpha is not None else stats, moments=moments, block_size=block_size,
     )
-    return out, new_state
+    return out, new_state, lost
 
 
 def lln_attention(
@@ -400,6 +453,7 @@ def lln_attention(
     chunk_size: int = 64,
     initial_state: LLNState | None = None,
     output_final_state: bool = False,
+    checkpoint: bool = False,
 ) -> Tensor | tuple[Tensor, LLNState]:
     """Linear Log-Normal attention, a linear-cost stand-in for softmax attention.
 
@@ -429,6 +483,20 @@ def lln_attention(
             rounding for every value).
         initial_state: an :class:`LLNState` returned by a previous causal call to continue.
         output_final_state: also return the state after the last token (causal only).
+        checkpoint: activation checkpointing inside the causal kernel, trading compute for
+            memory in training on long sequences. While autograd records a graph, each
+            segment of ``16 * chunk_size`` tokens runs under
+            ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: backward keeps
+            only the segment inputs and the carried states (instead of the C x C chunk
+            weights and the feature maps, several hundred floats per token and head) and
+            recomputes one segment at a time, for one more forward pass of the kernel.
+            Wrapping the whole call in ``torch.utils.checkpoint`` from outside cannot do
+            this: its recompute rebuilds every segment's intermediates at once, so the peak
+            in backward stays the same. Outputs and gradients equal those without it (the
+            recompute repeats the same operations; bit for bit in the CPU tests). No
+            effect without grad (inference) or when not causal (the non-causal kernel is
+            one piece that keeps a few ``(N, D)`` feature maps; checkpoint the call from
+            outside if those matter).
 
     Returns:
         ``out`` with the shape ``(B, H, L, Dv)`` and dtype of ``v``, or ``(out, state)``.
@@ -437,12 +505,13 @@ def lln_attention(
         q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha,
         beta=beta, stats=stats, temperature=temperature, eps=eps, chunk_size=chunk_size,
         initial_state=initial_state, output_final_state=output_final_state, block_size=None,
-        constants=constants,
+        constants=constants, checkpoint=checkpoint,
     )
-    out, state = lln_forward(
+    out, state, lost = lln_forward(
         q, k, v, is_causal=is_causal, mask=mask, alpha=alpha, beta=beta, stats=stats,
         temperature=temperature, eps=eps, chunk_size=chunk_size, state=initial_state,
-        constants=constants,
+        constants=constants, checkpoint=checkpoint,
     )
+    warn_lost_rows(lost)
     out = out.to(v.dtype)
     return (out, state) if output_final_state else out

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._validation import broadcast_param, check_qkv, compute_dtype
 from .block_diag import block_diag_forward, check_block_args
-from .lln import check_lln_args, lln_forward
+from .lln import check_lln_args, lln_forward, segment_runner, warn_lost_rows
 from .state import LLNState
 
 #: Tokens per piece of the causal path (see ``lln_diag_attention``).
@@ -41,6 +41,7 @@ def lln_diag_attention(
     diag_weight: float | Tensor = 0.5,
     initial_state: LLNState | None = None,
     output_final_state: bool = False,
+    checkpoint: bool = False,
 ) -> Tensor | tuple[Tensor, LLNState]:
     """LLN attention combined with softmax attention inside diagonal blocks.
 
@@ -52,6 +53,13 @@ def lln_diag_attention(
             of the sequence, also across chained calls.
         scale: softmax score scale inside blocks (default ``1 / sqrt(D)``).
         lln_weight, diag_weight: floats or tensors broadcastable to ``(B, H, 1, Dv)``.
+        checkpoint: activation checkpointing inside the causal op (see
+            :func:`lln.lln_attention`): while autograd records, each piece of
+            ``PIECE_TOKENS`` (1024) tokens — its LLN segments and its diagonal blocks —
+            runs under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``, so
+            backward keeps only the piece inputs and the carried state and recomputes one
+            piece at a time. Checkpointing the whole call from outside would recompute all
+            pieces at once. No effect without grad or when not causal.
 
     Returns:
         ``out`` ``(B, H, N, Dv)`` in the dtype of ``v``, or ``(out, state)``.
@@ -62,7 +70,7 @@ def lln_diag_attention(
         q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, alpha=alpha,
         beta=beta, stats=stats, temperature=temperature, eps=eps, chunk_size=chunk_size,
         initial_state=initial_state, output_final_state=output_final_state,
-        block_size=block_size, constants=constants,
+        block_size=block_size, constants=constants, checkpoint=checkpoint,
     )
     b, h, n, _ = q.shape
     cdt = compute_dtype(q.dtype)
@@ -79,19 +87,26 @@ def lln_diag_attention(
         scale=scale, lln_weight=lln_w, diag_weight=diag_w,
     )
     if not is_causal:
-        return _lln_diag_piece(q, k, v, mask, None, **parts)[0].to(v.dtype)
+        return _lln_diag_piece(q, k, v, mask, None, **parts)[0].to(v.dtype)  # (lost = 0)
     # Causal: cache-sized pieces chained through the state, which is exact (chaining equals
     # one call) and keeps every temporary small; only the output is assembled at full size.
     state = initial_state
-    outs = []
+    carried = () if state is None else (state.kv, state.k_sum, state.block_k, state.block_v)
+    run = segment_runner(
+        _lln_diag_piece, checkpoint, q, k, v, lln_w, diag_w, *carried,
+        *(t for t in (alpha, beta) if isinstance(t, Tensor)),
+    )
+    outs, lost = [], 0
     masks = [None] * -(-n // PIECE_TOKENS) if mask is None else mask.split(PIECE_TOKENS, 1)
     pieces = zip(
         q.split(PIECE_TOKENS, 2), k.split(PIECE_TOKENS, 2), v.split(PIECE_TOKENS, 2), masks,
         strict=True,
     )
     for q_piece, k_piece, v_piece, mask_piece in [(q, k, v, mask)] if n <= PIECE_TOKENS else pieces:
-        out, state = _lln_diag_piece(q_piece, k_piece, v_piece, mask_piece, state, **parts)
+        out, state, lost_piece = run(q_piece, k_piece, v_piece, mask_piece, state, **parts)
         outs.append(out)
+        lost = lost + lost_piece
+    warn_lost_rows(lost)
     out = (torch.cat(outs, 2) if len(outs) > 1 else outs[0]).to(v.dtype)
     return (out, state) if output_final_state else out
 
@@ -115,13 +130,15 @@ def _lln_diag_piece(
     scale: float,
     lln_weight: Tensor,
     diag_weight: Tensor,
-) -> tuple[Tensor, LLNState | None]:
+) -> tuple[Tensor, LLNState | None, Tensor | int]:
     """LLN+Diag of one piece on validated inputs, continuing ``state`` when causal.
 
-    Returns the output in the compute dtype and (causal) the state after the piece.
+    Returns the output in the compute dtype, (causal) the state after the piece and the
+    number of underflowed LLN rows (the caller warns, so a checkpointed piece recomputed
+    in backward does not warn again).
     """
     b, h, n, d = q.shape
-    lln_out, new_state = lln_forward(
+    lln_out, new_state, lost = lln_forward(
         q, k, v, is_causal=is_causal, mask=mask, alpha=alpha, beta=beta, stats=stats,
         temperature=temperature, eps=eps, chunk_size=chunk_size, state=state,
         block_size=block_size, constants=constants,
@@ -145,4 +162,4 @@ def _lln_diag_piece(
         new_state.block_k = k[:, :, start:]
         new_state.block_v = v[:, :, start:]
         new_state.block_mask = real[:, start:]
-    return out, new_state
+    return out, new_state, lost
