@@ -224,3 +224,26 @@ def test_head_dim_constants_in_calibrate_and_options():
         lln.hf.calibrate(llama("lln"), [ids(2, 9)], constants="d64", progress=False)
     with pytest.raises(ValueError, match="constants"):
         lln.hf.attach(llama("lln"), options={"constants": "d64"})
+
+
+def test_checkpoint_option_gives_the_same_gradients(monkeypatch):
+    """options checkpoint=True (segment recompute in backward) changes no value or gradient;
+    chunk_size 2 makes the 41 tokens span two 32-token segments."""
+    import torch.utils.checkpoint as ckpt
+
+    calls = []
+    original = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    grads = {}
+    for checkpoint in (False, True):
+        model = llama("lln_diag")
+        lln.hf.attach(model, options={"chunk_size": 2, "checkpoint": checkpoint})
+        lln.hf.calibrate(model, [ids(2, 9)], progress=False)
+        model.model.layers[0].self_attn.lln.log_alpha.data += 0.1  # not at a special point
+        logits = model(ids(2, 41)).logits
+        logits.square().mean().backward()
+        grads[checkpoint] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        assert len(grads[checkpoint]) > 10
+        assert bool(calls) == checkpoint
+    for plain, recomputed in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-12, atol=1e-12)

@@ -105,6 +105,7 @@ def _lln_family(
         eps=options["eps"], chunk_size=options["chunk_size"], initial_state=state,
         output_final_state=keep_state,
         constants=options["constants"] if alpha is None else "paper",  # else frozen scales
+        checkpoint=options["checkpoint"],
     )
     if keep_state:
         lln_out, state = lln_out

@@ -54,8 +54,9 @@ MODULE_NAME = "lln"
 PARAM_NAMES = ("log_alpha", "log_beta", "log_temperature", "lln_weight", "diag_weight")
 #: Defaults of ``config.lln["options"]`` (op keyword options; None = the op's default).
 #: ``constants`` ("paper" | "head_dim") applies to the run-time moment matching of layers
-#: that were not calibrated.
-DEFAULT_OPTIONS = {"chunk_size": 64, "block_size": None, "eps": 0.0, "constants": "paper"}
+#: that were not calibrated; ``checkpoint`` (bool) to the causal LLN kernel in training.
+DEFAULT_OPTIONS = {"chunk_size": 64, "block_size": None, "eps": 0.0, "constants": "paper",
+                   "checkpoint": False}
 
 
 class LLNAttentionParams(nn.Module):
@@ -311,9 +312,9 @@ def attach(model: nn.Module, *, options: dict | None = None) -> dict[str, LLNAtt
 
     Values come from ``model.config.lln`` when present (a loaded converted model), else the
     defaults (uncalibrated). ``options`` updates ``config.lln["options"]`` (``chunk_size``,
-    ``block_size``, ``eps``, ``constants``). Afterwards ``model.config.lln`` tracks the live
-    values and the parameters are excluded from the weights file of ``save_pretrained`` (they
-    are saved in ``config.json``).
+    ``block_size``, ``eps``, ``constants``, ``checkpoint``). Afterwards ``model.config.lln``
+    tracks the live values and the parameters are excluded from the weights file of
+    ``save_pretrained`` (they are saved in ``config.json``).
 
     Returns:
         ``{qualified module name: params}``.
