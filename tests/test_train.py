@@ -219,6 +219,9 @@ def test_results_grid_runs_missing_runs_only_and_tabulates(tmp_path, monkeypatch
     table = (out / "results.md").read_text()
     assert "| nystrom |" in table and "n/a" in table and "± " in table
     assert "| *chance* | 0.100 |" in table
+    fastest = min(s["step_time_s"] for s in json.loads((out / "results.json").read_text())
+                  if s["task"] == "listops" and s["attn"] == "softmax")
+    assert f"| softmax | {1000 * fastest:.0f} |" in table  # the fastest seed's step time
     assert (out / "results-curves.png").stat().st_size > 0
     assert len(json.loads((out / "results.json").read_text())) == 6
     text = doc.read_text()
