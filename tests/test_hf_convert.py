@@ -27,6 +27,7 @@ from lln.hf.convert import (  # noqa: E402
     load_converted,
     perplexity,
     save_converted,
+    set_attention,
     token_windows,
 )
 from lln.hf.transfer import (  # noqa: E402
@@ -237,6 +238,26 @@ def test_save_and_load_round_trip(tmp_path):
         a, b = model(**batch).logits, loaded(**batch).logits
     real = batch["attention_mask"].bool()
     assert torch.allclose(a[real], b[real], atol=1e-12, rtol=0)
+
+
+def test_convert_calibrates_with_the_chosen_constants():
+    """convert(constants="head_dim") = calibrate(constants="head_dim") on the same batches."""
+    batches = [padded_batch(seed=s) for s in range(2)]
+    scales = {}
+    for how in ("convert", "calibrate"):
+        model = llama()
+        if how == "convert":
+            convert(model, method="lln", calibration=batches, constants="head_dim",
+                    progress=False)
+        else:
+            set_attention(model, "lln")
+            lln.hf.calibrate(model, batches, constants="head_dim", progress=False)
+        scales[how] = torch.cat([p.detach().flatten() for p in lln.hf.lln_parameters(model)])
+    torch.testing.assert_close(scales["convert"], scales["calibrate"], rtol=0, atol=0)
+    paper = llama()
+    convert(paper, method="lln", calibration=batches, progress=False)
+    assert not torch.equal(
+        torch.cat([p.detach().flatten() for p in lln.hf.lln_parameters(paper)]), scales["convert"])
 
 
 def test_perplexity_matches_manual_cross_entropy():

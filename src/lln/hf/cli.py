@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=100, help="transfer steps per layer")
     parser.add_argument("--adapters", action="store_true", help="also train q/k adapters")
+    parser.add_argument("--constants", choices=["paper", "head_dim"], default="paper",
+                        help="moment-matching constants for calibration (default: paper)")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--adapter-lr", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -165,7 +167,8 @@ def _run_convert(args) -> None:
     model, tok, causal, data, calib, teacher = _prepare(args)
     report = convert(model, method=args.method, calibration=calib, data=teacher,
                      steps=args.steps, adapters=args.adapters, lr=args.lr,
-                     adapter_lr=args.adapter_lr, progress=not args.no_progress)
+                     adapter_lr=args.adapter_lr, constants=args.constants,
+                     progress=not args.no_progress)
     path = save_converted(model, tok, args.out)
     print(f"saved {args.method} conversion of {args.model} to {path}")
     if args.json:
@@ -188,7 +191,8 @@ def _run_measure(args) -> None:
              **_quality(original, tok, data, reference, args, causal)}]
     for method in args.methods:
         model = copy.deepcopy(original)
-        convert(model, method=method, calibration=calib, data=None, progress=progress)
+        convert(model, method=method, calibration=calib, data=None, constants=args.constants,
+                progress=progress)
         rows.append({"method": method, "stage": "calibrated" if method in ("lln", "lln_diag")
                      else "swapped", **_quality(model, tok, data, reference, args, causal)})
         t0 = time.perf_counter()

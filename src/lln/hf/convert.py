@@ -101,6 +101,7 @@ def convert(
     adapters: bool = False,
     lr: float = 0.05,
     adapter_lr: float = 0.01,
+    constants: str = "paper",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Convert ``model`` in place: switch the attention, calibrate, run attention transfer.
@@ -112,6 +113,8 @@ def convert(
             which case alpha/beta are moment-matched per sequence at run time).
         data: :func:`capture` of the *original* model on transfer text (None: no transfer).
         steps, adapters, lr, adapter_lr: see :func:`lln.hf.transfer.transfer`.
+        constants: moment-matching constants for calibration, ``"paper"`` or ``"head_dim"``
+            (see :func:`lln.hf.calibrate`).
         progress: tqdm bars.
 
     Returns:
@@ -122,7 +125,7 @@ def convert(
     impl = set_attention(model, method)
     report: dict[str, Any] = {"method": method, "attn_implementation": impl}
     if calibration is not None and method in LLN_METHODS:
-        stats = calibrate(model, calibration, progress=progress)
+        stats = calibrate(model, calibration, constants=constants, progress=progress)
         report["calibration"] = {
             name: {key: [round(float(x), 5) for x in value] for key, value in s.items()}
             for name, s in stats.items()
