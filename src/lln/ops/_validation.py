@@ -150,9 +150,7 @@ def broadcast_param(
 
 def check_is_causal(is_causal: object) -> bool:
     """``is_causal`` itself, after checking that it is a bool (not a truthy tensor or int)."""
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    return is_causal
+    return check_bool(is_causal, "is_causal")
 
 
 def check_bool(value: object, name: str) -> bool:
