@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_qkv, padding_mask, rel_err
+
 from lln.ops import lln_attention, lln_diag_attention
 from lln.ops.lln import feature_scales
 from lln.ops.merge import add_moments, merge_states, merge_sums, segment_sums, without_sums
@@ -60,8 +60,9 @@ def test_merge_of_chained_halves_equals_one_call(op, fixed, split):
     _assert_states_equal(merge_states(first, second), whole)
     # and the merged state continues the sequence like the whole call's state
     tail = make_qkv(2, 3, 5, 8, 5, seed=99)
-    cont = fn(*tail, **{**kw, "output_final_state": False}, initial_state=merge_states(first, second))
-    ref = fn(*tail, **{**kw, "output_final_state": False}, initial_state=whole)
+    kw["output_final_state"] = False
+    cont = fn(*tail, **kw, initial_state=merge_states(first, second))
+    ref = fn(*tail, **kw, initial_state=whole)
     assert rel_err(cont, ref) <= TOL
     assert rel_err(first_out, whole_out[:, :, :split]) <= TOL
 
@@ -110,7 +111,9 @@ def test_add_moments_and_errors():
     assert torch.equal(add_moments(a, a).k_sq_sum, torch.full((1, 2), 8.0, dtype=torch.float64))
     q, k, v = make_qkv(1, 2, 10, 4)
     _, s = lln_attention(q, k, v, is_causal=True, output_final_state=True)
-    _, t = lln_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], is_causal=True, output_final_state=True)
+    _, t = lln_attention(
+        q[:, :, :1], k[:, :, :1], v[:, :, :1], is_causal=True, output_final_state=True
+    )
     with pytest.raises(ValueError, match="second must continue first"):
         merge_states(s, t)
     with pytest.raises(TypeError, match="first and second must be lln.LLNState"):

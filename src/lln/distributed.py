@@ -285,7 +285,7 @@ def _prefix_state(
     # 3. one autograd-aware all-gather of the summaries (and the halo keys / values)
     parts = [kv.reshape(-1), k_sum.reshape(-1), k_max.detach().reshape(-1)]
     if tail:
-        parts += [_tail(k, tail, dim=2).to(cdt).reshape(-1), _tail(v, tail, dim=2).to(cdt).reshape(-1)]
+        parts += [_tail(x, tail, dim=2).to(cdt).reshape(-1) for x in (k, v)]
     payload = torch.cat(parts)
     summaries = dist_nn.all_gather(payload, group=group)
     received = (world - 1) * payload.numel() * payload.element_size()
