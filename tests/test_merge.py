@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import make_qkv, padding_mask, rel_err
 
-from lln.ops import lln_attention, lln_diag_attention
+from lln.ops import lln_attention, lln_diag_attention, merge
 from lln.ops.lln import feature_scales
 from lln.ops.merge import add_moments, merge_states, merge_sums, segment_sums, without_sums
 from lln.ops.moment_matching import PrefixMoments
@@ -83,6 +83,27 @@ def test_segment_sums_equal_the_state_of_a_call(dtype, tol, masked):
     assert kv.dtype == state.kv.dtype
     assert rel_err(kv, state.kv) <= tol and rel_err(k_sum, state.k_sum) <= tol
     torch.testing.assert_close(k_max, state.k_max, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_segment_sums_gradients_equal_autograd_of_the_formula(per_token, monkeypatch):
+    monkeypatch.setattr(merge, "SUMS_STEP", 16)  # several steps
+    q, k, v = make_qkv(2, 3, 53, 4, 5, seed=7)
+    mask = padding_mask(2, 53, seed=3)
+    shape = (2, 3, 53, 1) if per_token else (1, 3, 1, 1)
+    beta = (torch.rand(shape, dtype=torch.float64) + 0.5).requires_grad_()
+    k, v = k.requires_grad_(), v.requires_grad_()
+    g_kv = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    g_ks = torch.randn(2, 3, 4, dtype=torch.float64)
+    kv, k_sum, k_max = segment_sums(k, v, beta, mask)
+    grads = torch.autograd.grad((kv, k_sum), (k, v, beta), (g_kv, g_ks))
+    # the formula with plain autograd, offset = the same k_max
+    feat = torch.exp(k * beta - k_max.unsqueeze(-2)) * mask[:, None, :, None]
+    ref_kv, ref_ks = feat.transpose(-1, -2) @ v, feat.sum(-2)
+    assert rel_err(kv, ref_kv) <= TOL and rel_err(k_sum, ref_ks) <= TOL
+    ref = torch.autograd.grad((ref_kv, ref_ks), (k, v, beta), (g_kv, g_ks))
+    for got, want in zip(grads, ref, strict=True):
+        assert got.shape == want.shape and rel_err(got, want) <= TOL
 
 
 def test_merge_sums_with_empty_parts_and_gradients():

@@ -17,8 +17,8 @@ One call, on every rank (see docs/distributed.md for the math):
    statistics, hence its per-token ``beta``; with it the shard's key summary
    ``(kv, k_sum, k_max)`` (:func:`lln.ops.merge.segment_sums`, ``O(N * D * Dv)``).
 3. The summaries (and, for LLN+Diag, the last ``block_size - 1`` keys and values) are
-   all-gathered with an autograd-aware collective, whose backward sends each rank the sum
-   of the gradients that later ranks computed for its summary.
+   all-gathered with an autograd-aware collective, whose backward (an all-reduce) gives
+   each rank the sum of the gradients that later ranks computed for its summary.
 4. The earlier ranks' summaries are merged (:func:`lln.ops.merge.merge_sums`) into the state
    before this shard, and the public single-process op runs the shard from that state.
 
@@ -31,7 +31,6 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
 from .ops._validation import check_qkv
@@ -52,8 +51,9 @@ class CommunicationCounter:
 
     ``forward`` counts the all-gathers of the forward passes (shard lengths and moment
     sums, state summaries, LLN+Diag halos); ``backward`` the reverse exchange of the
-    summary gradients (the same volume as the autograd all-gather's forward, counted when
-    the forward runs with a graph). Reset with :meth:`reset`.
+    summary gradients (an all-reduce of the gathered ``(P, payload)`` gradient: a ring
+    receives ``2 (P - 1) / P`` of it), counted when the forward records a graph. Reset
+    with :meth:`reset`.
     """
 
     forward: int = 0
@@ -199,6 +199,26 @@ def _gather(tensor: Tensor, group, world: int) -> list[Tensor]:
     return out
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather ``(M,) -> (P, M)`` whose backward hands each rank the sum over all ranks of
+    the gradients of its own slice (an all-reduce of the ``(P, M)`` gradient: available on
+    every backend, unlike reduce-scatter on gloo)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        out = tensor.new_empty((dist.get_world_size(group), tensor.numel()))
+        dist.all_gather(list(out.unbind(0)), tensor.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None
+
+
 def _prefix_state(
     q: Tensor,
     k: Tensor,
@@ -287,10 +307,11 @@ def _prefix_state(
     if tail:
         parts += [_tail(x, tail, dim=2).to(cdt).reshape(-1) for x in (k, v)]
     payload = torch.cat(parts)
-    summaries = dist_nn.all_gather(payload, group=group)
-    received = (world - 1) * payload.numel() * payload.element_size()
-    communication.forward += received
-    communication.backward += received if payload.requires_grad else 0
+    summaries = _AllGather.apply(payload, group).unbind(0)
+    size = payload.numel() * payload.element_size()
+    communication.forward += (world - 1) * size
+    # backward: a ring all-reduce of the (P, payload) gradients receives 2 (P-1)/P of it
+    communication.backward += 2 * (world - 1) * size if payload.requires_grad else 0
     communication.calls += 1
 
     # 4. merge the earlier ranks' sums into the state before this shard

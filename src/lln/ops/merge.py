@@ -116,34 +116,86 @@ def segment_sums(
 
     ``k (B, H, N, D)``, ``v (B, H, N, Dv)``; ``beta`` the per-token key scales in the compute
     dtype, broadcastable to ``(B, H, N, 1)`` (as returned by
-    :func:`lln.ops.lln.feature_scales`); ``mask (B, N)`` bool, True = real token, or None.
-    Sums are in the dtype of ``beta``; equal, to rounding, to the sums of a causal call over
-    the segment from an empty state. Costs ``O(N * D * Dv)``.
+    :func:`lln.ops.lln.feature_scales`; gradients flow into it when it requires them);
+    ``mask (B, N)`` bool, True = real token, or None. Sums are in the dtype of ``beta``;
+    equal, to rounding, to the sums of a causal call over the segment from an empty state.
+
+    Costs ``O(N * D * Dv)`` in ``SUMS_STEP``-token steps; backward (hand-derived) recomputes
+    the features step by step, so nothing of size N is saved beyond the inputs, and writes
+    the gradients of k and v into one buffer each.
     """
-    cdt = beta.dtype
-    b, h, n, d = k.shape
-    steps = range(0, n, SUMS_STEP)
-
-    def piece(t: Tensor, start: int) -> Tensor:
-        return t if t.shape[-2] == 1 else t[:, :, start : start + SUMS_STEP]
-
-    def masked(x: Tensor, start: int) -> Tensor:
-        if mask is None:
-            return x
-        real = mask[:, None, start : start + SUMS_STEP, None]
-        return x.masked_fill(~real, float("-inf"))
-
     with torch.no_grad():
-        k_max = torch.full((b, h, d), float("-inf"), dtype=cdt, device=k.device)
-        for s in steps:
-            ks = masked(k[:, :, s : s + SUMS_STEP].to(cdt) * piece(beta, s), s)
-            k_max = torch.maximum(k_max, ks.amax(-2))
+        k_max = torch.full(k.shape[:2] + k.shape[3:], float("-inf"), dtype=beta.dtype,
+                           device=k.device)
+        for _, k_s, beta_s, mask_s in _steps(k, beta, mask):
+            k_max = torch.maximum(k_max, _masked(k_s.to(beta.dtype) * beta_s, mask_s).amax(-2))
         offset = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max))
-    kv = k.new_zeros(b, h, d, v.shape[-1], dtype=cdt)
-    k_sum = k.new_zeros(b, h, d, dtype=cdt)
-    for s in steps:
-        ks = k[:, :, s : s + SUMS_STEP].to(cdt) * piece(beta, s)
-        feat = masked(ks - offset.unsqueeze(-2), s).exp()  # <= 1, exact 0 on padding
-        kv = kv + feat.transpose(-1, -2) @ v[:, :, s : s + SUMS_STEP].to(cdt)
-        k_sum = k_sum + feat.sum(-2)
+    kv, k_sum = _SegmentSums.apply(k, v, beta, mask, offset)
     return kv, k_sum, k_max
+
+
+def _steps(k: Tensor, beta: Tensor, mask: Tensor | None):
+    """``(start, k, beta, mask)`` of each ``SUMS_STEP``-token step (views)."""
+    for s in range(0, k.shape[2], SUMS_STEP):
+        yield (
+            s,
+            k[:, :, s : s + SUMS_STEP],
+            beta if beta.shape[2] == 1 else beta[:, :, s : s + SUMS_STEP],
+            None if mask is None else mask[:, s : s + SUMS_STEP],
+        )
+
+
+def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
+    return x if mask is None else x.masked_fill(~mask[:, None, :, None], float("-inf"))
+
+
+def _features(k: Tensor, beta: Tensor, mask: Tensor | None, offset: Tensor) -> Tensor:
+    """``exp(beta k - offset)`` in the compute dtype, exact 0 on padded keys."""
+    return _masked(k.to(offset.dtype) * beta - offset.unsqueeze(-2), mask).exp_()
+
+
+class _SegmentSums(torch.autograd.Function):
+    """``kv = sum_j f_j v_j^T``, ``k_sum = sum_j f_j`` with ``f_j = exp(beta_j k_j - c)``.
+
+    Backward, with ``G_kv``, ``G_ks`` the incoming gradients::
+
+        dv_j = G_kv^T f_j
+        df_j = G_kv v_j + G_ks,   dk_j = beta_j f_j * df_j,   dbeta_j = sum_d k_jd f_jd df_jd
+    """
+
+    @staticmethod
+    def forward(ctx, k, v, beta, mask, offset):  # type: ignore[override]
+        cdt = offset.dtype
+        kv = k.new_zeros(*k.shape[:2], k.shape[3], v.shape[3], dtype=cdt)
+        k_sum = k.new_zeros(*k.shape[:2], k.shape[3], dtype=cdt)
+        for s, k_s, beta_s, mask_s in _steps(k, beta, mask):
+            feat = _features(k_s, beta_s, mask_s, offset)
+            kv.add_(feat.transpose(-1, -2) @ v[:, :, s : s + SUMS_STEP].to(cdt))
+            k_sum.add_(feat.sum(-2))
+        ctx.save_for_backward(k, v, beta, mask, offset)
+        return kv, k_sum
+
+    @staticmethod
+    def backward(ctx, g_kv, g_ks):  # type: ignore[override]
+        k, v, beta, mask, offset = ctx.saved_tensors
+        need_k, need_v, need_beta = ctx.needs_input_grad[:3]
+        grad_k = torch.empty_like(k) if need_k else None
+        grad_v = torch.empty_like(v) if need_v else None
+        grad_beta = torch.zeros_like(beta) if need_beta else None
+        for s, k_s, beta_s, mask_s in _steps(k, beta, mask):
+            feat = _features(k_s, beta_s, mask_s, offset)
+            v_s = v[:, :, s : s + SUMS_STEP].to(offset.dtype)
+            if need_v:
+                grad_v[:, :, s : s + SUMS_STEP] = feat @ g_kv
+            if need_k or need_beta:
+                d_exp = (v_s @ g_kv.transpose(-1, -2)).add_(g_ks.unsqueeze(-2))
+                d_exp.mul_(feat)  # gradient of the exponent beta_j k_j
+                if need_k:
+                    grad_k[:, :, s : s + SUMS_STEP] = d_exp * beta_s
+                if need_beta:
+                    part = (d_exp * k_s.to(offset.dtype)).sum(-1, keepdim=True)
+                    if beta.shape[2] == 1:
+                        grad_beta += part.sum_to_size(beta.shape)
+                    else:
+                        grad_beta[:, :, s : s + SUMS_STEP] += part.sum_to_size(beta_s.shape)
+        return grad_k, grad_v, grad_beta, None, None
