@@ -6,9 +6,11 @@ The contract that makes N processes train exactly like one:
   order (:class:`~lln.train.sampler.BatchOrder`); :func:`shard` hands each rank one
   contiguous slice of every global batch, so the union over ranks is the single-process batch.
 * Each rank's loss is a *sum* over its examples (or labelled tokens) divided by the global
-  count (:func:`all_reduce_sum` of the counts), and :func:`all_reduce_gradients` *sums* the
-  gradients: the result is the gradient of the single-process mean loss, up to the order
-  of floating-point additions.
+  count (:func:`all_reduce_sum` of the counts), and the model is wrapped (:func:`wrap`) in
+  ``torch.nn.parallel.DistributedDataParallel`` with a communication hook that *sums* the
+  gradients (DDP's default averages): the result is the gradient of the single-process
+  mean loss, up to the order of floating-point additions. DDP overlaps the bucketed
+  all-reduces with the rest of backward.
 * Anything random inside the model is a pure function of the seed (random-feature
   projections) and identical on every rank; dropout (off by default) draws the same masks
   on every rank, which is fine for training but not equal to one process.
@@ -22,7 +24,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -82,18 +83,21 @@ def all_reduce_sum(tensor: Tensor, ctx: Context) -> Tensor:
     return tensor
 
 
-def all_reduce_gradients(model: nn.Module, ctx: Context) -> None:
-    """Sum the gradients of every trainable parameter over all ranks (one flat message)."""
+def _sum_hook(group, bucket):  # (no annotations: DDP checks them, and they are strings here)
+    """DDP communication hook: all-reduce a gradient bucket with SUM (no division)."""
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap(model: nn.Module, ctx: Context) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` whose backward *sums* the gradients over the
+    ranks; ``model`` itself in a single process. Checkpoints and evaluation use ``model``
+    (the wrapper shares its parameters)."""
     if not ctx.distributed:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-        p.grad.copy_(g.view_as(p))
+        return model
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
 
 
 def barrier(ctx: Context) -> None:

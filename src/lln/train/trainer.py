@@ -9,8 +9,9 @@ What it does, in order:
 4. resume from ``out/checkpoint.pt`` if asked: model, optimizer, scheduler, step, data
    order and random states, so the continued run equals an uninterrupted one exactly;
 5. loop: next global batch -> this rank's shard -> summed loss / global count -> backward
-   -> all-reduce gradients -> clip -> step; log every step, evaluate on the validation set
-   every ``eval_every`` steps, checkpoint atomically every ``checkpoint_every`` steps;
+   (DistributedDataParallel sums the gradients over the ranks) -> clip -> step; log every
+   step, evaluate on the validation set every ``eval_every`` steps, checkpoint atomically
+   every ``checkpoint_every`` steps;
 6. evaluate the final model on the test set and write ``summary.json``.
 
 Files in ``out``: ``config.json``, ``metrics.jsonl`` (one JSON record per line:
@@ -177,6 +178,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # --- the loop -------------------------------------------------------------------------
     model.train()
+    trained = distributed.wrap(model, ctx)  # DDP under torchrun (gradients summed)
     started = time.perf_counter()
     window_losses = list(state["window_losses"]) if resumed else []  # since the last record
     window_times: list[float] = []
@@ -190,11 +192,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         global_count = distributed.all_reduce_sum(
             (batch["target"] != -100).sum().double().reshape(1), ctx)
         lr = scheduler.get_last_lr()[0]
-        loss_sum, _, _ = run_batch(model, batch)
+        loss_sum, _, _ = run_batch(trained, batch)
         loss = loss_sum / global_count.float()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.all_reduce_gradients(model, ctx)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
