@@ -123,6 +123,40 @@ def longest_fitting(points: list[tuple[int, int]], budget: int) -> tuple[int | N
     return (n if n >= 1024 else None), a, b
 
 
+def render(result: dict) -> str:
+    """The Markdown table of a results.json."""
+    processes = max(r["processes"] for r in result["rows"])
+    largest = max(r["n"] for r in result["rows"])
+    table = [
+        f"Causal LLN fwd+bwd, B={result['batch']} H={result['heads']} D={result['dim']} "
+        f"float32, {result['threads_per_process']} thread(s) per process, "
+        f"checkpoint={result['checkpoint']}; {result['machine']}, torch {result['torch']}.",
+        f"Command: `{result['command']}`",
+        "",
+        "| N | processes | fwd+bwd (s) | peak RSS / process (MiB) "
+        "| bytes received / rank, forward | bytes received / rank, backward |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        table.append(f"| {r['n']} | {r['processes']} | {r['fwd_bwd_s']:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['bytes_received_forward']} | "
+                     f"{r['bytes_received_backward']} |")
+    table += [
+        "",
+        f"Peak RSS per process at N={largest}: {processes} processes / 1 process = "
+        f"{result['memory_ratio_at_largest_n']:.3f}.",
+        "",
+        f"Longest N within {result['budget_mb']:.0f} MiB per process (linear fit of the "
+        "peaks above, a multiple of 1024):",
+        "",
+    ]
+    for world, fit in result["fits"].items():
+        table.append(f"- {world} process(es): N = {fit['longest_n']} "
+                     f"(fit: {fit['intercept_mb']:.0f} MiB + {fit['bytes_per_token']:.0f} "
+                     "B/token)")
+    return "\n".join(table) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072, 262144])
@@ -133,11 +167,19 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="store_true", help="checkpoint=True in the op")
     parser.add_argument("--out", default=None, help="folder for results.json / results.md")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite --out/results.md from its results.json")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         worker(args.worker, args.threads, args.worker_dir, args.checkpoint)
+        return
+    if args.render:
+        if args.out is None:
+            parser.error("--render needs --out")
+        result = json.loads(Path(args.out, "results.json").read_text())
+        Path(args.out, "results.md").write_text(render(result))
         return
     if args.processes < 2:
         parser.error(f"--processes must be >= 2, got {args.processes}")
@@ -189,31 +231,7 @@ def main() -> None:
     import torch
 
     result["torch"] = torch.__version__
-    table = [
-        f"Causal LLN fwd+bwd, B={B} H={H} D={D} float32, {args.threads} thread(s) per process, "
-        f"checkpoint={args.checkpoint}; {result['machine']}, torch {result['torch']}.",
-        "",
-        "| N | processes | fwd+bwd (s) | peak RSS / process (MiB) "
-        "| bytes received / rank / call (fwd; bwd the same) |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        table.append(f"| {r['n']} | {r['processes']} | {r['fwd_bwd_s']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['bytes_received_forward']} |")
-    table += [
-        "",
-        f"Peak RSS per process at N={largest}: {args.processes} processes / 1 process = "
-        f"{result['memory_ratio_at_largest_n']:.3f}.",
-        "",
-        f"Longest N within {args.budget_mb:.0f} MiB per process (linear fit of the peaks "
-        "above, a multiple of 1024):",
-        "",
-    ]
-    for world, fit in fits.items():
-        table.append(f"- {world} process(es): N = {fit['longest_n']} "
-                     f"(fit: {fit['intercept_mb']:.0f} MiB + {fit['bytes_per_token']:.0f} "
-                     "B/token)")
-    text = "\n".join(table) + "\n"
+    text = render(result)
     print(text)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

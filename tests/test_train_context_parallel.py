@@ -1,4 +1,5 @@
-"""Context-parallel training: 2 processes sharing every sequence equal 1 process.
+"""Context-parallel training: 2 processes sharing every sequence equal 1 process (and 4
+processes = 2 data-parallel replicas x 2 context ranks).
 
 ``lln train shakespeare --context-parallel 2`` under torchrun (gloo): both ranks take the
 same examples, each its half of every 32-token window, and the LLN+Diag layers (block size
@@ -31,7 +32,8 @@ ARGS = ["shakespeare", "--attn", "lln_diag", "--attn-option", "block_size=12", "
 
 
 @pytest.mark.slow
-def test_two_context_parallel_processes_train_like_one(tmp_path):
+@pytest.mark.parametrize("processes", [2, 4], ids=["2x_context", "2x_data_2x_context"])
+def test_context_parallel_processes_train_like_one(tmp_path, processes):
     single_dir, cp_dir = tmp_path / "single", tmp_path / "cp"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -42,7 +44,7 @@ def test_two_context_parallel_processes_train_like_one(tmp_path):
     finally:
         torch.set_num_threads(threads)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-               "--nproc_per_node", "2", "-m", "lln.cli", "train", *ARGS, "--out", str(cp_dir),
+               "--nproc_per_node", str(processes), "-m", "lln.cli", "train", *ARGS, "--out", str(cp_dir),
                "--context-parallel", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
@@ -50,7 +52,7 @@ def test_two_context_parallel_processes_train_like_one(tmp_path):
 
     summary = json.loads((cp_dir / "summary.json").read_text())
     config = json.loads((cp_dir / "config.json").read_text())
-    assert summary["world_size"] == 2 and config["context_parallel"] == 2
+    assert summary["world_size"] == processes and config["context_parallel"] == 2
     a, b = read_metrics(single_dir / "metrics.jsonl"), read_metrics(cp_dir / "metrics.jsonl")
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     assert sum(r["split"] == "train" for r in a) == 20
