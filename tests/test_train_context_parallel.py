@@ -44,8 +44,8 @@ def test_context_parallel_processes_train_like_one(tmp_path, processes):
     finally:
         torch.set_num_threads(threads)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-               "--nproc_per_node", str(processes), "-m", "lln.cli", "train", *ARGS, "--out", str(cp_dir),
-               "--context-parallel", "2"]
+               "--nproc_per_node", str(processes), "-m", "lln.cli", "train", *ARGS,
+               "--out", str(cp_dir), "--context-parallel", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
