@@ -33,10 +33,10 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 def _case(op="lln", bounds=(0, 70, 150), dtype=torch.float64, fixed=False,
           masked=True, chunk_size=16, block_size=12, stats="head", huge=False,
-          prefix=0, mismatch=False, seed=0):
+          prefix=0, mismatch=False, checkpoint=False, seed=0):
     return dict(op=op, n=bounds[-1], bounds=bounds, dtype=dtype, fixed=fixed, masked=masked,
                 chunk_size=chunk_size, block_size=block_size, stats=stats, huge=huge,
-                prefix=prefix, mismatch=mismatch, seed=seed)
+                prefix=prefix, mismatch=mismatch, checkpoint=checkpoint, seed=seed)
 
 
 def _inputs(case):
@@ -49,7 +49,8 @@ def _inputs(case):
 
 
 def _kwargs(case):
-    kw = dict(is_causal=True, chunk_size=case["chunk_size"], stats=case["stats"])
+    kw = dict(is_causal=True, chunk_size=case["chunk_size"], stats=case["stats"],
+              checkpoint=case["checkpoint"])
     if case["op"] == "lln_diag":
         kw["block_size"] = case["block_size"]
     if case["fixed"]:
@@ -172,7 +173,8 @@ FAST_CASES = [
     _case("lln"),  # moment matching, padding, 150 tokens = not a multiple of 2 * 16
     _case("lln_diag", bounds=(0, 77, 150)),  # the boundary cuts a diagonal block
     _case("lln_diag", bounds=(0, 77, 150), huge=True),
-    _case("lln", dtype=torch.float32, fixed=True, masked=False, bounds=(0, 64, 150)),
+    _case("lln", dtype=torch.float32, fixed=True, masked=False, bounds=(0, 64, 150),
+          checkpoint=True),
     _case("lln", mismatch=True),
 ]
 
@@ -196,6 +198,7 @@ SLOW_CASES = [
     _case("lln", bounds=(0, 1, 2, 9), chunk_size=4),  # one-token shards
     _case("lln_diag", bounds=(0, 3, 5, 40), block_size=16),  # halo over two ranks
     _case("lln_diag", prefix=21, bounds=(0, 30, 50, 97)),  # continues a state
+    _case("lln_diag", bounds=(0, 1030, 1100, 2100), chunk_size=32, checkpoint=True),
     _case("lln", prefix=13, fixed=True, bounds=(0, 30, 50, 97)),
     _case("lln", dtype=torch.bfloat16, bounds=(0, 50, 100, 150)),
     _case("lln_diag", dtype=torch.bfloat16, bounds=(0, 40, 45, 131), chunk_size=8),
