@@ -96,6 +96,9 @@ class SelfAttention(nn.Module):
 
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
+        #: process group of a context-parallel run (``lln.train.distributed.context_parallel``):
+        #: then x holds this rank's slice of the sequence and ``lln.distributed`` runs the op
+        self.context_group = None
         if self.combine == "scale":
             shape = (1, num_heads, 1, self.head_dim)
             self.lln_weight = nn.Parameter(torch.full(shape, 0.5))
@@ -158,7 +161,14 @@ class SelfAttention(nn.Module):
             with torch.no_grad():
                 self._maybe_redraw()
             options["projection"] = self.projection
-        out = self.spec.fn(
-            q, k, v, is_causal=self.is_causal, key_padding_mask=key_padding_mask, **options
-        )
+        if self.context_group is not None:
+            from .. import distributed as context
+
+            fn = context.lln_attention if self.attention == "lln" else context.lln_diag_attention
+            out = fn(q, k, v, group=self.context_group, key_padding_mask=key_padding_mask,
+                     **options)
+        else:
+            out = self.spec.fn(
+                q, k, v, is_causal=self.is_causal, key_padding_mask=key_padding_mask, **options
+            )
         return self.out(out.transpose(1, 2).reshape(b, n, self.dim))

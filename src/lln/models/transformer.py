@@ -123,6 +123,9 @@ class Trunk(nn.Module):
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
+        #: context parallelism: this process holds the ``context_rank``-th of equal slices of
+        #: every sequence, so its positions start at ``context_rank * N`` (N its slice length)
+        self.context_rank = 0
         nn.init.normal_(self.tokens.weight, std=0.02)
         nn.init.normal_(self.positions.weight, std=0.02)
 
@@ -137,8 +140,9 @@ class Trunk(nn.Module):
                 f"{tuple(input_ids.shape)}"
             )
         n = input_ids.shape[1]
-        if n > self.max_len:
-            raise ValueError(f"sequence length {n} exceeds max_len={self.max_len}")
+        start = self.context_rank * n
+        if start + n > self.max_len:
+            raise ValueError(f"sequence length {start + n} exceeds max_len={self.max_len}")
         if key_padding_mask is not None and (
             key_padding_mask.dtype != torch.bool or key_padding_mask.shape != input_ids.shape
         ):
@@ -147,7 +151,7 @@ class Trunk(nn.Module):
                 f"(True = real token), got {key_padding_mask.dtype} "
                 f"{tuple(key_padding_mask.shape)}"
             )
-        positions = torch.arange(n, device=input_ids.device)
+        positions = torch.arange(start, start + n, device=input_ids.device)
         x = self.dropout(self.tokens(input_ids) + self.positions(positions))
         for block in self.blocks:
             x = block(x, key_padding_mask)

@@ -5,6 +5,7 @@ Examples::
     lln train listops --attn lln_diag --seed 1
     lln train shakespeare --attn softmax --out runs/sh --resume      # continue a killed run
     torchrun --nproc_per_node 2 -m lln.cli train mqar --attn lln      # data-parallel (gloo)
+    torchrun --nproc_per_node 2 -m lln.cli train shakespeare --attn lln --context-parallel 2
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def parse_option(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="option for the attention op or module, repeatable "
                              "(e.g. combine=scale, block_size=32, num_landmarks=32)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--context-parallel", type=_positive_int, default=1, metavar="P",
+                        help="split every sequence over P processes (under torchrun; causal "
+                             "tasks, lln / lln_diag; world size = data x P; default 1)")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop after this step as if killed (for testing --resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,7 +97,7 @@ def config_from_args(args: argparse.Namespace):
         dropout=args.dropout, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         redraw_every=args.redraw_every, attn_options=dict(args.attn_option),
         threads=args.threads, stop_after=args.stop_after, progress=not args.no_progress,
-        keep_checkpoint=not args.no_keep_checkpoint,
+        keep_checkpoint=not args.no_keep_checkpoint, context_parallel=args.context_parallel,
     )
 
 

@@ -64,6 +64,8 @@ class TrainConfig:
         attn_options: keyword options for the attention op (e.g. ``{"combine": "scale"}``).
         redraw_every: random-feature methods: redraw the projection every this many steps.
         threads: ``torch.set_num_threads`` (None = leave as is).
+        context_parallel: processes that share each sequence (torchrun; causal tasks with
+            lln / lln_diag; see :mod:`lln.train.distributed`). 1 = none.
         stop_after: stop after this many steps as if killed (tests of ``resume``).
         progress: show a tqdm bar.
         keep_checkpoint: keep ``checkpoint.pt`` once the run is complete (the results grid
@@ -97,6 +99,7 @@ class TrainConfig:
     attn_options: dict[str, Any] = field(default_factory=dict)
     redraw_every: int | None = 100
     threads: int | None = None
+    context_parallel: int = 1
     stop_after: int | None = None
     progress: bool = True
     keep_checkpoint: bool = True

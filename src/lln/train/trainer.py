@@ -9,8 +9,9 @@ What it does, in order:
 4. resume from ``out/checkpoint.pt`` if asked: model, optimizer, scheduler, step, data
    order and random states, so the continued run equals an uninterrupted one exactly;
 5. loop: next global batch -> this rank's shard -> summed loss / global count -> backward
-   -> all-reduce gradients -> clip -> step; log every step, evaluate on the validation set
-   every ``eval_every`` steps, checkpoint atomically every ``checkpoint_every`` steps;
+   (DistributedDataParallel sums the gradients over the ranks) -> clip -> step; log every
+   step, evaluate on the validation set every ``eval_every`` steps, checkpoint atomically
+   every ``checkpoint_every`` steps;
 6. evaluate the final model on the test set and write ``summary.json``.
 
 Files in ``out``: ``config.json``, ``metrics.jsonl`` (one JSON record per line:
@@ -46,7 +47,8 @@ from .metrics import MetricsLog, loss_terms, metric_value, read_metrics
 from .sampler import BatchOrder
 
 #: Config fields that may differ between a run and its resumption.
-RESUMABLE_CHANGES = ("resume", "stop_after", "threads", "progress", "out", "keep_checkpoint")
+RESUMABLE_CHANGES = ("resume", "stop_after", "threads", "progress", "out", "keep_checkpoint",
+                     "context_parallel")
 
 
 def build_model(task: TaskData, config: TrainConfig) -> nn.Module:
@@ -91,14 +93,16 @@ def run_batch(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 def evaluate(
     model: nn.Module, dataset, task: TaskData, batch_size: int, ctx: distributed.Context
 ) -> dict[str, float]:
-    """``{"loss", <metric>}`` over the whole ``dataset``; each rank scores every
-    ``world_size``-th example and the sums are all-reduced."""
+    """``{"loss", <metric>}`` over the whole ``dataset``; each data-parallel replica scores
+    every ``data_size``-th example (context-parallel ranks: their slices of it) and the sums
+    are all-reduced."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, count, correct
-    mine = list(range(ctx.rank, len(dataset), ctx.world_size))
+    mine = list(range(ctx.data_rank, len(dataset), ctx.data_size))
     for start in range(0, len(mine), batch_size):
         batch = collate([dataset[i] for i in mine[start : start + batch_size]], task.pad_id)
+        batch = distributed.split_sequence(batch, ctx)
         loss_sum, count, correct = run_batch(model, batch)
         totals += torch.stack([loss_sum.double(), count, correct])
     loss_sum, count, correct = distributed.all_reduce_sum(totals, ctx).tolist()
@@ -136,7 +140,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ``{"stopped_at": step}``.
     """
     config = config.resolved()
-    ctx = distributed.setup()
+    ctx = distributed.setup(config.context_parallel)
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
@@ -152,6 +156,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                          f"{config.task!r}")
     seed_everything(config.seed)
     model = build_model(task, config)
+    if ctx.context_parallel > 1 and not task.causal:
+        raise ValueError(f"context parallelism needs a causal task, {config.task!r} is not")
+    distributed.context_parallel(model, ctx)
     optimizer = make_optimizer(model, config)
     scheduler = LambdaLR(optimizer, partial(
         lr_factor, warmup=config.warmup_steps, total=config.steps, floor=config.min_lr_ratio))
@@ -177,6 +184,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # --- the loop -------------------------------------------------------------------------
     model.train()
+    trained = distributed.wrap(model, ctx)  # DDP under torchrun (gradients summed)
     started = time.perf_counter()
     window_losses = list(state["window_losses"]) if resumed else []  # since the last record
     window_times: list[float] = []
@@ -186,15 +194,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     for step in range(start_step + 1, config.steps + 1):
         tick = time.perf_counter()
         items = [task.train[i] for i in distributed.shard(order.next_batch(), ctx)]
-        batch = collate(items, task.pad_id)
+        batch = distributed.split_sequence(collate(items, task.pad_id), ctx)
         global_count = distributed.all_reduce_sum(
             (batch["target"] != -100).sum().double().reshape(1), ctx)
         lr = scheduler.get_last_lr()[0]
-        loss_sum, _, _ = run_batch(model, batch)
+        loss_sum, _, _ = run_batch(trained, batch)
         loss = loss_sum / global_count.float()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.all_reduce_gradients(model, ctx)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
