@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .machine import machine
+
 HELP = "run or collect the training grid (attention x task x seed) into tables and curves"
 
 DEFAULT_ATTNS = ("softmax", "lln", "lln_diag", "elu", "performer", "cosformer", "nystrom")
@@ -247,23 +249,6 @@ def replace_between_markers(path: Path, text: str, name: str = "results") -> Non
     head, rest = content.split(start, 1)
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{start}\n{text}{end}{tail}")
-
-
-def machine() -> str:
-    """One line: CPU model, cores, torch version (for the results page)."""
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}"
 
 
 def run(args: argparse.Namespace) -> None:
