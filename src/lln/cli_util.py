@@ -70,3 +70,21 @@ def check_writable_file(path: str | os.PathLike, flag: str) -> Path:
         raise ValueError(f"{flag} {path} cannot be written ({error.strerror or error})") \
             from None
     return path
+
+
+def add_out_arguments(parser, command: str) -> None:
+    """``--out`` (default: a new ``runs/<command>-<UTC time>``) and ``--overwrite``."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default: a new folder runs/{command}-<UTC time>; "
+                             "an existing non-empty folder needs --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --out that already holds results, replacing them")
+
+
+def resolve_out(out: str | os.PathLike | None, command: str, *, overwrite: bool = False) -> Path:
+    """The output folder of ``command``: ``out``, or a new default run folder; created and
+    checked by :func:`prepare_out` (call before any work)."""
+    path = prepare_out(out if out is not None else default_run_folder(command),
+                       overwrite=overwrite)
+    print(f"lln {command}: writing to {path}", flush=True)
+    return path
