@@ -43,7 +43,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..data.tasks import TaskData, collate, get_task
 from ..models import DecoderLM, EncoderClassifier, parameter_counts
 from . import distributed
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .checkpoint import (
+    CHECKPOINT_KEYS,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from .config import TrainConfig
 from .machine import machine
 from .metrics import MetricsLog, loss_terms, metric_value, read_metrics
@@ -205,7 +212,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # --- resume ---------------------------------------------------------------------------
     start_step, resumed, state = 0, False, {}
     if mode == "resume":
-        state = load_checkpoint(checkpoint_path)
+        state = load_checkpoint(checkpoint_path, required=CHECKPOINT_KEYS)
         _check_resumable(state["config"], config)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
