@@ -236,3 +236,13 @@ def test_results_collect_only_keeps_the_machine_of_the_runs(tmp_path, capsys):
     table = (grid / "results.md").read_text()
     assert "Machine: The Machine That Ran It, 64 cores\n" in table
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("steps", -2), ("batch_size", 0),
+                                          ("warmup_steps", -1)])
+def test_train_config_rejects_bad_numbers_before_any_work(tmp_path, field, value):
+    config = TrainConfig(task="listops", attn="lln", size="tiny", out=str(tmp_path / "r"),
+                         progress=False, **{field: value})
+    with pytest.raises(ValueError, match=f"{field} must be a"):
+        train(config)
+    assert not (tmp_path / "r").exists()

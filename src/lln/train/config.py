@@ -129,6 +129,17 @@ class TrainConfig:
             config.checkpoint_every = config.eval_every
         if config.eval_batch_size is None:
             config.eval_batch_size = config.batch_size
+        for name in ("steps", "batch_size", "eval_every", "log_every", "checkpoint_every",
+                     "eval_batch_size", "dim", "depth", "num_heads", "mlp_ratio"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "short_conv"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if not isinstance(config.task_options, dict):
+            raise ValueError(f"task_options must be a dict, got {config.task_options!r}")
         return config
 
     def to_dict(self) -> dict[str, Any]:
