@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..ops._validation import check_positive_int
 from .bbc import Article, dedupe, encode_bytes, split_articles
 from .shakespeare import VOCAB_SIZE, ByteWindows, unigram_bits_per_byte, window_starts
 from .tasks import PAD_ID, SequenceDataset, TaskData, majority_accuracy, resolve_config
@@ -113,6 +114,16 @@ def split_text(train: bytes, held_out: bytes | None) -> dict[str, bytes]:
     return {"train": train, "val": held_out[:half], "test": held_out[half:]}
 
 
+def _own_config(task: str, defaults: dict[str, dict[str, Any]], size: str,
+                overrides: dict[str, Any], required: str, hint: str) -> dict[str, Any]:
+    """The resolved options of an own-data task; ``required`` (where the data is) must be
+    given."""
+    config = resolve_config(task, defaults, size, overrides)
+    if config[required] is None:
+        raise ValueError(f"task {task!r} needs {hint}")
+    return config
+
+
 def _positive_or_none(config: dict[str, Any], key: str) -> None:
     value = config[key]
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -121,13 +132,9 @@ def _positive_or_none(config: dict[str, Any], key: str) -> None:
 
 def build_text(*, size: str, seed: int, overrides: dict[str, Any]) -> TaskData:
     """The ``text`` task (see the module doc and :func:`lln.data.tasks.get_task`)."""
-    config = resolve_config("text", TEXT_DEFAULTS, size, overrides)
-    if config["files"] is None:
-        raise ValueError("task 'text' needs files=[...] (plain-text files or folders; "
-                         "CLI: --files PATH...)")
-    window = config["window"]
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    config = _own_config("text", TEXT_DEFAULTS, size, overrides, "files",
+                         "files=[...] (plain-text files or folders; CLI: --files PATH...)")
+    window = check_positive_int(config["window"], "window")
     _positive_or_none(config, "max_train_windows")
     _positive_or_none(config, "max_eval_windows")
     files = text_files(config["files"], "files")
@@ -203,13 +210,10 @@ def read_labelled(path: str | Path) -> list[Article]:
 
 def build_classify(*, size: str, seed: int, overrides: dict[str, Any]) -> TaskData:
     """The ``classify`` task (see the module doc and :func:`lln.data.tasks.get_task`)."""
-    config = resolve_config("classify", CLASSIFY_DEFAULTS, size, overrides)
-    if config["data"] is None:
-        raise ValueError("task 'classify' needs data=PATH (a folder of <label>/<doc>.txt, or a "
-                         ".jsonl / .csv with text and label fields; CLI: --data PATH)")
-    max_len = config["max_len"]
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    config = _own_config("classify", CLASSIFY_DEFAULTS, size, overrides, "data",
+                         "data=PATH (a folder of <label>/<doc>.txt, or a .jsonl / .csv with "
+                         "text and label fields; CLI: --data PATH)")
+    max_len = check_positive_int(config["max_len"], "max_len")
     docs = dedupe(read_labelled(config["data"]))
     labels = sorted({d.label for d in docs})
     if len(labels) < 2:

@@ -198,6 +198,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--contexts must be positive integers, got {args.contexts}")
     from ..data.own import text_files
 
+    if args.text and len(args.text) == 1 and args.text[0] in ("sentences", "paragraphs") \
+            and not Path(args.text[0]).exists():
+        raise ValueError(f"--text takes your text files now; for the Wikipedia unit use "
+                         f"--unit {args.text[0]}")
     for flag, paths in (("--text", args.text), ("--eval-text", args.eval_text)):
         if paths:
             text_files(paths, flag)  # FileNotFoundError naming the path
