@@ -105,7 +105,9 @@ class LLNAttention(nn.Module):
             own, per head; prefix statistics when causal), ``"running"`` (batch statistics in
             training, tracked per head as an exponential moving average in the buffers
             ``running_var_q/k``; those are used in eval — like BatchNorm) or ``"fixed"``
-            (always the buffers, e.g. after calibration on real data).
+            (always the buffers, e.g. after calibration on real data). The statistics
+            carry no gradient (as in the paper's code): alpha and beta are constants for
+            autograd.
         momentum: EMA factor of the running statistics.
         temperature: divides the moment-matched sigma_tilde (> 1 flattens attention).
         constants: moment-matching constants (a, b): ``"paper"`` (the paper's D = 64 fit,
