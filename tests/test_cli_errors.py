@@ -76,6 +76,8 @@ def test_demo_lengths_must_be_positive(capsys):
     ["bench", "--methods", "lln", "--lengths", "64", "--quiet", "--no-plots"],
     ["sweep", "--dim", "8", "--n", "8", "--seeds", "1", "--products", "1"],
     ["calibrate", "--dims", "8", "--n", "8", "--points", "3", "--seeds", "1"],
+    ["train", "listops", "--attn", "lln", *TINY],
+    ["results", "--tasks", "listops", "--attns", "lln", "--size", "tiny"],
 ])
 def test_unwritable_out_is_one_line_before_any_work(tmp_path, capsys, command):
     out = a_file(tmp_path) / "sub"  # a folder cannot be made inside a file (even as root)

@@ -192,6 +192,9 @@ def run(args: argparse.Namespace) -> None:
     check_args(args)
     config = config_from_args(args)
     check_run_folder(config)  # refuse before building anything
+    from ..cli_util import prepare_out
+
+    prepare_out(config.out, overwrite=True)  # an unwritable --out fails now
     summary = train(config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return

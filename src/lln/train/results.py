@@ -300,9 +300,10 @@ def machine_line(runs: dict, previous: Path, collect_only: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..cli_util import prepare_out
+
     check_args(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(args.out, overwrite=True)  # a grid folder is meant to be continued
     started = time.perf_counter()
     failures = [] if args.collect_only else run_grid(args, out)
     runs = collect(out, args.attns, args.tasks, args.seeds)
