@@ -611,12 +611,12 @@ def test_constructor_errors(kwargs, error, match):
 def test_forward_errors():
     m = make_module()
     x = make_x()
-    other = x.clone()
-    with pytest.raises(ValueError, match="key"):
-        m(x, other, x)
-    with pytest.raises(ValueError, match="value"):
-        m(x, x, other)
-    with pytest.raises(ValueError, match="attn_mask"):
+    with pytest.raises(ValueError, match="key .* and value .* must share"):
+        m(x, x, x[:, :7])
+    with pytest.raises(ValueError, match="cross-attention over 7 keys for 20 queries needs "
+                                         "diag=False"):
+        m(x, x[:, :7], x[:, :7])  # LLN+Diag pairs query i with key i
+    with pytest.raises(ValueError, match="attn_mask is not the causal mask"):
         m(x, attn_mask=torch.zeros(20, 20, dtype=torch.bool))
     with pytest.raises(ValueError, match="key_padding_mask"):
         m(x, key_padding_mask=torch.full((3, 20), 0.5))  # float masks: only 0 / -inf
@@ -676,3 +676,69 @@ def test_bfloat16_module(stats, causal):
     m.eval()
     out_eval, _ = m(x.bfloat16(), key_padding_mask=pad)
     assert torch.isfinite(out_eval).all()
+
+
+# --------------------------------------------------------------------------------------
+# nn.MultiheadAttention drop-in: views, copies, cross-attention, masks, need_weights
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("diag", [True, False])
+def test_self_attention_by_value_not_object_identity(diag):
+    """``attn(x[:1], x[:1], x[:1])`` (three view objects) and equal copies are
+    self-attention: the same output as ``attn(x[:1])``."""
+    m = make_module(diag=diag)
+    x = make_x()
+    ref = m(x[:1])[0]
+    assert torch.equal(m(x[:1], x[:1], x[:1])[0], ref)
+    assert torch.equal(m(x[:1], x[:1].clone(), x[:1].clone())[0], ref)
+
+
+@pytest.mark.parametrize("lengths", [(5, 9), (6, 6), (1, 4)])
+def test_cross_attention_matches_the_float64_oracle(lengths):
+    """Non-causal LLN cross-attention: out = W_o (softmax-free LLN weights of q_proj(query)
+    against k_proj(key)) v_proj(value), with the explicit matrix as oracle; padding of keys."""
+    from lln import lln_attention_matrix
+
+    n_q, n_k = lengths
+    m = make_module(diag=False)
+    query, kv = make_x(n=n_q, seed=1), make_x(n=n_k, seed=2) * 2.0
+    value = make_x(n=n_k, seed=3)
+    pad = torch.zeros(3, n_k, dtype=torch.bool)
+    pad[0, n_k - 1] = True  # MHA convention: True = padding
+    out, w = m(query, kv, value, key_padding_mask=pad, need_weights=True,
+               average_attn_weights=False)
+    q, k, v = (split_heads(p(x)) for p, x in ((m.q_proj, query), (m.k_proj, kv),
+                                              (m.v_proj, value)))
+    weights = lln_attention_matrix(q, k, key_padding_mask=~pad)
+    expected = m.out_proj((weights @ v).transpose(1, 2).reshape(3, n_q, E))
+    assert_close(out, expected, 1e-12)
+    assert w.shape == (3, H, n_q, n_k) and torch.equal(w, weights)
+    assert torch.equal(w[0, :, :, n_k - 1], torch.zeros(H, n_q, dtype=F64))
+
+
+def test_attn_mask_must_be_the_causal_mask_and_is_never_ignored():
+    m = make_module()
+    x = make_x()
+    causal = m(x, is_causal=True)[0]
+    float_mask = nn.Transformer.generate_square_subsequent_mask(20, dtype=F64)
+    bool_mask = torch.ones(20, 20, dtype=torch.bool).triu(1)
+    assert torch.equal(m(x, attn_mask=float_mask)[0], causal)  # the mask alone is causal
+    assert torch.equal(m(x, attn_mask=bool_mask, is_causal=True)[0], causal)
+    assert torch.equal(m(x, attn_mask=bool_mask.expand(3 * H, 20, 20))[0], causal)
+    window = bool_mask | torch.ones(20, 20, dtype=torch.bool).tril(-4)  # sliding window
+    for mask in (window, ~bool_mask, float_mask.masked_fill(~bool_mask, -1.0),
+                 bool_mask[:19, :19]):
+        with pytest.raises(ValueError, match="causal mask"):
+            m(x, attn_mask=mask, is_causal=True)
+
+
+def test_need_weights_default_is_documented_false():
+    """Unlike nn.MultiheadAttention (True), need_weights defaults to False: no N x N matrix
+    unless asked; the docstring says so."""
+    import inspect
+
+    m = make_module()
+    assert inspect.signature(m.forward).parameters["need_weights"].default is False
+    assert m(make_x())[1] is None
+    assert "need_weights`` (default **False**" in m.forward.__doc__

@@ -252,10 +252,10 @@ def test_doc_sections_are_replaced_independently(tmp_path):
 def test_task_variants_train_with_their_base_recipe():
     """`mqar-256x16` is MQAR at that point, trained with MQAR's recipe (short convolution);
     the CLI's task list is the library's."""
-    from lln.data.tasks import TASK_NAMES, TASK_VARIANTS
+    from lln.data.tasks import OWN_DATA_TASKS, TASK_NAMES, TASK_VARIANTS
     from lln.train.command import TASKS
 
-    assert TASKS == (*TASK_NAMES, *TASK_VARIANTS)
+    assert TASKS == (*TASK_NAMES, *TASK_VARIANTS, *OWN_DATA_TASKS)
     config = TrainConfig(task="mqar-256x16", attn="lln").resolved()
     assert config.short_conv == 3
     assert config.steps == TrainConfig(task="mqar", attn="lln").resolved().steps

@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                         help=f"methods (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", type=Path, default=Path("results/analysis/minilm"),
-                        help="output folder (default results/analysis/minilm)")
+    from ..cli_util import add_out_arguments
+
+    add_out_arguments(parser, "analyze")
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -130,6 +131,7 @@ def run(args: argparse.Namespace) -> None:
 
     import torch
 
+    from ..cli_util import resolve_out
     from ..data.wiki import wiki_sentences
     from ..pretrained.minilm import load_minilm
     from .encoder import analyze_encoder
@@ -137,7 +139,8 @@ def run(args: argparse.Namespace) -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_minilm(attn_implementation="eager")
+    model, tokenizer = load_minilm(attn_implementation="eager")  # missing weights: exit 2
+    args.out = resolve_out(args.out, "analyze", overwrite=args.overwrite)
     sentences = wiki_sentences(limit=args.sentences)
     ids = [tokenizer(s, truncation=True, max_length=args.max_length,
                      return_tensors="pt")["input_ids"] for s in sentences]

@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap resamples over seeds (default 2000; 0 = none)")
     parser.add_argument("--seed", type=int, default=0, help="base seed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", type=Path, default=Path("results/analysis/calibrate"),
-                        help="output folder (default results/analysis/calibrate)")
+    from ..cli_util import add_out_arguments
+
+    add_out_arguments(parser, "calibrate")
 
 
 def summary_markdown(results: list[dict], command: str) -> str:
@@ -102,9 +103,11 @@ def run(args: argparse.Namespace) -> None:
 
     import torch
 
+    from ..cli_util import resolve_out
     from .calibrate import calibrate, paper_check
     from .io import write_json
 
+    args.out = resolve_out(args.out, "calibrate", overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
     results = []
     for dim in args.dims:

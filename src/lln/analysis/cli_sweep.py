@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hist-product", type=float, default=1.0,
                         help="product of the log P histograms (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", type=Path, default=Path("results/analysis/sweep"),
-                        help="output folder (default results/analysis/sweep)")
+    from ..cli_util import add_out_arguments
+
+    add_out_arguments(parser, "sweep")
 
 
 def summary_markdown(result: dict, command: str) -> str:
@@ -138,9 +139,11 @@ def run(args: argparse.Namespace) -> None:
 
     import torch
 
+    from ..cli_util import resolve_out
     from .io import write_json
     from .sweep import DEFAULT_PRODUCTS, temperature_sweep
 
+    args.out = resolve_out(args.out, "sweep", overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
     result = temperature_sweep(
         dim=args.dim, n=args.n, products=args.products or DEFAULT_PRODUCTS,

@@ -210,7 +210,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = args.out or Path("bench_results") / (
         f"{kind}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from ..cli_util import prepare_out
+
+    prepare_out(out_dir, overwrite=True)  # an unwritable --out fails now, not after a run
     configs = build_configs(args, methods)
     settings = {
         key: value for key, value in configs[0].items() if key not in ("method", "mode", "n")

@@ -43,6 +43,9 @@ IGNORE_INDEX = -100
 PAD_ID = 0
 
 TASK_NAMES = ("listops", "bbc", "shakespeare", "mqar")
+#: Tasks on the user's own data (:mod:`lln.data.own`): ``text`` needs ``files=[...]``,
+#: ``classify`` needs ``data=PATH``.
+OWN_DATA_TASKS = ("text", "classify")
 #: Named variants of a task: the base task with some options fixed. The three Zoology MQAR
 #: points, so that ``lln train mqar-256x16`` and the results grid can name them.
 TASK_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -51,12 +54,15 @@ TASK_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 SIZES = ("tiny", "small", "full")
 
-# task name -> module implementing ``build(size, seed, overrides) -> TaskData``
+# task name -> module implementing ``build(size, seed, overrides) -> TaskData`` (or
+# ``module:function`` naming another builder)
 _MODULES = {
     "listops": "lln.data.listops",
     "bbc": "lln.data.bbc",
     "shakespeare": "lln.data.shakespeare",
     "mqar": "lln.data.mqar",
+    "text": "lln.data.own:build_text",
+    "classify": "lln.data.own:build_classify",
 }
 
 
@@ -143,8 +149,12 @@ def get_task(name: str, *, size: str = "small", seed: int = 0, **overrides: Any)
     """Build a task: generate or read its data and split it.
 
     Args:
-        name: one of ``"listops"``, ``"bbc"``, ``"shakespeare"``, ``"mqar"``, or a variant
-            of :data:`TASK_VARIANTS` (``"mqar-64x4"``, ``"mqar-128x8"``, ``"mqar-256x16"``).
+        name: one of ``"listops"``, ``"bbc"``, ``"shakespeare"``, ``"mqar"``, a variant
+            of :data:`TASK_VARIANTS` (``"mqar-64x4"``, ``"mqar-128x8"``, ``"mqar-256x16"``),
+            or a task on your own data (:mod:`lln.data.own`): ``"text"`` (byte-level LM;
+            ``files=[paths]``, optional ``val_files=[paths]``) or ``"classify"``
+            (``data=path``: a folder of ``<label>/<doc>.txt``, or a JSONL/CSV file with
+            ``text`` and ``label`` fields).
         size: ``"tiny"`` (tests), ``"small"`` (the results grid) or ``"full"``.
         seed: data seed (generation and split); independent of any training seed.
         **overrides: task options replacing the size's defaults (e.g. ``max_length=300`` for
@@ -155,11 +165,12 @@ def get_task(name: str, *, size: str = "small", seed: int = 0, **overrides: Any)
 
     Raises:
         ValueError: unknown task, size or option, or an option out of range.
-        FileNotFoundError: the data package of ``bbc``/``shakespeare`` is not installed.
+        FileNotFoundError: the data package of ``bbc``/``shakespeare`` is not installed, or
+            a file given to ``text``/``classify`` does not exist.
     """
     if not isinstance(name, str) or (name not in _MODULES and name not in TASK_VARIANTS):
         raise ValueError(f"unknown task {name!r}; valid tasks: "
-                         f"{[*TASK_NAMES, *TASK_VARIANTS]}")
+                         f"{[*TASK_NAMES, *TASK_VARIANTS, *OWN_DATA_TASKS]}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -169,8 +180,9 @@ def get_task(name: str, *, size: str = "small", seed: int = 0, **overrides: Any)
     clash = sorted(set(fixed) & set(overrides))
     if clash:
         raise ValueError(f"task {name!r} fixes {clash}; use {base!r} to choose them")
-    module = importlib.import_module(_MODULES[base])
-    task = module.build(size=size, seed=seed, overrides={**fixed, **overrides})
+    module_name, _, builder = _MODULES[base].partition(":")
+    build = getattr(importlib.import_module(module_name), builder or "build")
+    task = build(size=size, seed=seed, overrides={**fixed, **overrides})
     return replace(task, name=name)
 
 

@@ -60,6 +60,42 @@ def text_batches(
     ]
 
 
+def read_texts(paths: Sequence[str | os.PathLike], flag: str = "--text") -> list[str]:
+    """Texts of plain-text files (one text per paragraph: blocks separated by a blank line,
+    whitespace collapsed), ``.jsonl`` files (the ``"text"`` field of each line) or folders
+    (their ``*.txt`` files, recursively, sorted). Order: as given.
+
+    Raises:
+        FileNotFoundError: a path does not exist. ValueError: a JSONL line without a string
+            ``"text"``, or no text at all.
+    """
+    import re
+
+    from ..data.own import text_files
+
+    texts: list[str] = []
+    for path in text_files(list(paths), flag):
+        content = path.read_text(encoding="utf-8", errors="replace")
+        if path.suffix.lower() == ".jsonl":
+            for number, line in enumerate(content.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise ValueError(f"{flag}: {path} line {number} is not a JSON object with "
+                                     "a string 'text' field")
+                texts.append(row["text"])
+        else:
+            texts += [" ".join(block.split()) for block in re.split(r"\n\s*\n", content)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"{flag}: {list(map(str, paths))} hold no text")
+    return texts
+
+
 def token_windows(tokenizer: Any, text: str, *, length: int, count: int | None = None) -> Tensor:
     """Consecutive non-overlapping windows of ``length`` tokens of ``text``: ``(W, length)``.
 

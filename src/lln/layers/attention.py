@@ -1,10 +1,22 @@
-"""``LLNAttention``: multi-head self-attention with LLN (or LLN+Diag) inside.
+"""``LLNAttention``: multi-head attention with LLN (or LLN+Diag) inside.
 
 A thin module over :func:`lln.lln_attention` / :func:`lln.lln_diag_attention`: q/k/v/out
 projections plus the choice of statistics and of how the two parts are combined. Its
-``forward`` mirrors ``nn.MultiheadAttention(batch_first=True)`` for self-attention, so it can
-replace one; like that class, ``key_padding_mask`` here is True where a token is *padding*
-(the functional API uses the SDPA / Hugging Face convention, True = real token).
+``forward`` mirrors ``nn.MultiheadAttention(batch_first=True)``, so it can replace one; like
+that class, ``key_padding_mask`` here is True where a token is *padding* (the functional API
+uses the SDPA / Hugging Face convention, True = real token).
+
+Differences from ``nn.MultiheadAttention`` (each refused with a clear error, never ignored):
+
+* ``batch_first`` only (inputs ``(B, N, E)``), no ``kdim``/``vdim``, no ``add_bias_kv``.
+* ``need_weights`` defaults to **False** (``nn.MultiheadAttention``: True): the weights are
+  an N x N matrix, which would make every call quadratic; pass ``need_weights=True`` to get
+  them.
+* ``attn_mask`` must be the causal mask (``nn.Transformer.generate_square_subsequent_mask``
+  or its bool form): LLN cannot apply an arbitrary mask in linear time.
+* Cross-attention (``key``/``value`` other than ``query``) works when the op does: non-causal
+  with ``diag=False`` for any key length; LLN+Diag and causal attention need as many keys as
+  queries (their diagonal blocks / causal order pair query i with key i).
 """
 
 from __future__ import annotations
@@ -50,6 +62,32 @@ def _real_tokens(key_padding_mask: Tensor) -> Tensor:
     )
 
 
+def _check_causal_mask(attn_mask: Tensor, n_query: int, n_key: int) -> None:
+    """Raise ValueError unless ``attn_mask`` is ``nn.MultiheadAttention``'s causal mask:
+    ``(L, L)`` or ``(B * H, L, L)``; bool True / float -inf strictly above the diagonal."""
+    if attn_mask.dim() not in (2, 3) or attn_mask.shape[-2:] != (n_query, n_key) \
+            or n_query != n_key:
+        raise ValueError(
+            f"attn_mask must be the causal mask of shape ({n_query}, {n_query}) or (batch * "
+            f"heads, {n_query}, {n_query}), got {tuple(attn_mask.shape)}; LLN cannot apply "
+            "an arbitrary attention mask"
+        )
+    above = torch.ones(n_query, n_query, dtype=torch.bool, device=attn_mask.device).triu(1)
+    if attn_mask.dtype == torch.bool:
+        causal = bool((attn_mask == above).all())
+    elif attn_mask.is_floating_point():
+        causal = bool(((attn_mask == float("-inf")) == above).all()
+                      and (attn_mask.masked_fill(above, 0) == 0).all())
+    else:
+        causal = False
+    if not causal:
+        raise ValueError(
+            "attn_mask is not the causal mask (True or -inf exactly above the diagonal, "
+            "False or 0 elsewhere); LLN cannot apply an arbitrary attention mask: pass "
+            "is_causal=True for causal attention, or key_padding_mask for padding"
+        )
+
+
 class LLNAttention(nn.Module):
     """Multi-head self-attention with Linear Log-Normal attention, linear in sequence length.
 
@@ -67,7 +105,9 @@ class LLNAttention(nn.Module):
             own, per head; prefix statistics when causal), ``"running"`` (batch statistics in
             training, tracked per head as an exponential moving average in the buffers
             ``running_var_q/k``; those are used in eval — like BatchNorm) or ``"fixed"``
-            (always the buffers, e.g. after calibration on real data).
+            (always the buffers, e.g. after calibration on real data). The statistics
+            carry no gradient (as in the paper's code): alpha and beta are constants for
+            autograd.
         momentum: EMA factor of the running statistics.
         temperature: divides the moment-matched sigma_tilde (> 1 flattens attention).
         constants: moment-matching constants (a, b): ``"paper"`` (the paper's D = 64 fit,
@@ -199,30 +239,47 @@ class LLNAttention(nn.Module):
         initial_state: LLNState | None = None,
         output_final_state: bool = False,
     ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, LLNState]:
-        """Self-attention over ``query (B, N, E)``.
+        """Attention of ``query (B, L, E)`` over ``key (B, S, E)`` / ``value (B, S, E)``.
 
-        ``key`` and ``value`` may be omitted or be ``query`` itself (self-attention only).
-        ``key_padding_mask (B, N)`` bool: True = padding (``nn.MultiheadAttention``'s
-        convention). ``attn_mask`` is accepted only as the causal mask together with
-        ``is_causal=True`` (LLN cannot apply an arbitrary N x N mask in linear time).
-        ``need_weights=True`` also returns the explicit attention matrix ``(B, N, N)``
-        (averaged over heads) or ``(B, H, N, N)`` — quadratic, for analysis only.
+        ``key`` defaults to ``query`` and ``value`` to ``key`` (self-attention); any tensors
+        of the right shape may be given (cross-attention, see the module doc for which
+        configurations allow ``S != L``). ``key_padding_mask (B, S)`` bool: True = padding
+        (``nn.MultiheadAttention``'s convention), or float 0 / -inf.
+        ``attn_mask``: ``None`` or the causal mask, ``(L, L)`` or ``(B * H, L, L)``, bool
+        (True above the diagonal = not allowed) or float (-inf above the diagonal, 0 else);
+        it makes the call causal, with or without ``is_causal=True`` (as in
+        ``nn.MultiheadAttention``, where ``is_causal`` is a hint about ``attn_mask``). Any
+        other mask raises ValueError: LLN cannot apply it in linear time. Checking the mask
+        reads its values (one host sync); pass ``is_causal=True`` alone to avoid it.
+        ``need_weights`` (default **False**, unlike ``nn.MultiheadAttention``) also returns
+        the explicit attention matrix ``(B, L, S)`` (averaged over heads) or
+        ``(B, H, L, S)`` — quadratic, for analysis only.
 
-        Returns ``(out (B, N, E), weights or None)``, plus the state when
+        Returns ``(out (B, L, E), weights or None)``, plus the state when
         ``output_final_state`` (causal only).
         """
-        for name, other in (("key", key), ("value", value)):
-            if other is not None and other is not query:
-                raise ValueError(f"LLNAttention is self-attention: {name} must be None or query")
-        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+        key = query if key is None else key
+        value = key if value is None else value
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                raise ValueError(
+                    f"{name} must have shape (batch, seq, {self.embed_dim}), got "
+                    f"{tuple(t.shape)}"
+                )
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
             raise ValueError(
-                f"query must have shape (batch, seq, {self.embed_dim}), got {tuple(query.shape)}"
+                f"key {tuple(key.shape)} and value {tuple(value.shape)} must share batch and "
+                f"length, and the batch of query {tuple(query.shape)}"
             )
-        causal = self.is_causal or is_causal
-        if attn_mask is not None and not causal:
+        causal = self.is_causal or check_bool(is_causal, "is_causal")
+        if attn_mask is not None:
+            _check_causal_mask(attn_mask, query.shape[1], key.shape[1])
+            causal = True
+        if key.shape[1] != query.shape[1] and (causal or self.diag):
             raise ValueError(
-                "attn_mask is only accepted as the causal mask (with is_causal=True); LLN "
-                "cannot apply an arbitrary attention mask"
+                f"cross-attention over {key.shape[1]} keys for {query.shape[1]} queries needs "
+                f"diag=False and a non-causal call (got diag={self.diag}, causal={causal}); "
+                "LLN+Diag's blocks and causal order pair query i with key i"
             )
         if need_weights and initial_state is not None:
             raise ValueError(
@@ -230,7 +287,8 @@ class LLNAttention(nn.Module):
                 "cover only the current piece"
             )
         real = None if key_padding_mask is None else _real_tokens(key_padding_mask)
-        q, k, v = (self._split_heads(p(query)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (self._split_heads(p(x)) for p, x in
+                   ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value)))
         alpha, beta = self._scales(q, k, real)
         common = dict(
             is_causal=causal, key_padding_mask=real, alpha=alpha, beta=beta, stats="head",

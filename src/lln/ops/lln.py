@@ -468,7 +468,8 @@ def lln_attention(
             A query that sees no real key gets a zero output.
         alpha, beta: feature scales ``exp(alpha q)``, ``exp(beta k)``: floats or tensors
             broadcastable to ``(B, H, 1, 1)`` (gradients flow into tensors). None (both) =
-            moment matching from the statistics of q and k.
+            moment matching from the statistics of q and k, which carry no gradient (so
+            ``gradcheck`` with the defaults fails; pass tensors to differentiate them).
         stats: which entries the moment-matching statistics use: ``"head"`` (per sequence
             and head, default), ``"sequence"`` (per sequence), ``"tensor"`` (the whole batch,
             like the reference code; non-causal only). Causal modes use prefix statistics.

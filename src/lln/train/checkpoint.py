@@ -57,6 +57,32 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain values only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+#: Entries every training checkpoint holds.
+CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "scheduler", "order", "rng")
+
+
+def load_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain values only);
+    ``required``: entries it must hold (the trainer asks for :data:`CHECKPOINT_KEYS`).
+
+    Raises:
+        ValueError: the file is empty, truncated, corrupt or not a training checkpoint; the
+            message names the file (a killed run never leaves one: saving is atomic, so this
+            is a file damaged or replaced by something else).
+    """
+    path = Path(path)
+    hint = "delete it, or pass --overwrite to start the run again"
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError...
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"checkpoint {path} cannot be read ({reason[:200]}): {hint}") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing or ("step" in required and not isinstance(state["step"], int)):
+        raise ValueError(f"checkpoint {path} is not a training checkpoint of lln (missing or "
+                         f"bad entries: {missing or ['step']}): {hint}")
+    return state

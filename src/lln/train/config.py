@@ -40,6 +40,9 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
                         "eval_every": 100, "log_every": 10, "short_conv": 3},
 }
 
+#: Tasks on your own data train with the recipe of the built-in task of the same kind.
+RECIPE_OF = {"text": "shakespeare", "classify": "bbc"}
+
 #: Metric keys that depend on the machine (wall time, memory): everything else in the
 #: metrics log is reproduced exactly by a resumed run.
 TIMING_KEYS = ("step_time_s", "elapsed_s", "eval_time_s", "rss_mb")
@@ -51,11 +54,16 @@ class TrainConfig:
 
     Attributes:
         task, attn: task name (``lln.data.tasks``) and attention name (``lln.ops.registry``).
+        task_options: keyword options of :func:`lln.data.tasks.get_task` (e.g. ``{"files":
+            ["a.txt"]}`` for ``text``, ``{"data": "docs/"}`` for ``classify``,
+            ``{"window": 128}``).
         size: ``"tiny"`` or ``"small"`` (data size, model size and recipe).
         seed: training seed: initialisation, data order, random features. The data itself
             uses ``data_seed`` (fixed across a grid so every run is scored on the same data).
         out: run folder (metrics.jsonl, checkpoint.pt, config.json, summary.json).
         resume: continue from ``out/checkpoint.pt`` when it exists.
+        overwrite: start afresh even if ``out`` holds a run (its files are replaced).
+            Without ``resume`` or ``overwrite`` a folder holding a run is refused.
         steps, batch_size (global, over all processes), lr (peak), warmup_steps,
         min_lr_ratio (cosine floor / peak), weight_decay, grad_clip, eval_every, log_every,
         checkpoint_every (default: eval_every), eval_batch_size: the optimisation.
@@ -79,6 +87,7 @@ class TrainConfig:
     data_seed: int = 0
     out: str = "runs/default"
     resume: bool = False
+    overwrite: bool = False
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -103,6 +112,7 @@ class TrainConfig:
     stop_after: int | None = None
     progress: bool = True
     keep_checkpoint: bool = True
+    task_options: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` default filled in from the recipe and model size."""
@@ -110,9 +120,10 @@ class TrainConfig:
             raise ValueError(f"size must be one of {sorted(MODEL_SIZES)}, got {self.size!r}")
         from ..data.tasks import TASK_VARIANTS, base_task
 
-        recipe = (base_task(self.task), self.size)  # a variant trains with its base's recipe
+        base = base_task(self.task)
+        recipe = (RECIPE_OF.get(base, base), self.size)  # a variant trains with its base's recipe
         if recipe not in RECIPES:
-            tasks = sorted({t for t, _ in RECIPES} | set(TASK_VARIANTS))
+            tasks = sorted({t for t, _ in RECIPES} | set(TASK_VARIANTS) | set(RECIPE_OF))
             raise ValueError(f"unknown task {self.task!r}; valid tasks: {tasks}")
         defaults = {**MODEL_SIZES[self.size], **RECIPES[recipe]}
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
@@ -121,6 +132,17 @@ class TrainConfig:
             config.checkpoint_every = config.eval_every
         if config.eval_batch_size is None:
             config.eval_batch_size = config.batch_size
+        for name in ("steps", "batch_size", "eval_every", "log_every", "checkpoint_every",
+                     "eval_batch_size", "dim", "depth", "num_heads", "mlp_ratio"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "short_conv"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if not isinstance(config.task_options, dict):
+            raise ValueError(f"task_options must be a dict, got {config.task_options!r}")
         return config
 
     def to_dict(self) -> dict[str, Any]:

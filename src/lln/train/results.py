@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .machine import machine
+
 HELP = "run or collect the training grid (attention x task x seed) into tables and curves"
 
 DEFAULT_ATTNS = ("softmax", "lln", "lln_diag", "elu", "performer", "cosformer", "nystrom")
@@ -237,44 +239,81 @@ def plot_curves(runs, attns, tasks, path: Path) -> bool:
     return True
 
 
-def replace_between_markers(path: Path, text: str, name: str = "results") -> None:
+def replace_between_markers(path: Path, text: str, name: str = "results",
+                            check_only: bool = False) -> None:
     """Replace what lies between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in
-    ``path`` with ``text``."""
+    ``path`` with ``text`` (``check_only``: only check that the markers are there)."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if not path.is_file():
+        raise ValueError(f"--doc {path} does not exist; expected a file holding {start} ... "
+                         f"{end}")
     content = path.read_text()
     if start not in content or end not in content:
         raise ValueError(f"{path} must contain the markers {start} and {end}")
+    if check_only:
+        return
     head, rest = content.split(start, 1)
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{start}\n{text}{end}{tail}")
 
 
-def machine() -> str:
-    """One line: CPU model, cores, torch version (for the results page)."""
-    import platform
+def check_args(args: argparse.Namespace) -> None:
+    """Usage errors before any run starts (one line naming the option)."""
+    from ..data.tasks import TASK_NAMES, TASK_VARIANTS
+    from ..ops.registry import attention_names
 
-    import torch
+    valid = (*TASK_NAMES, *TASK_VARIANTS)
+    unknown = [t for t in args.tasks if t not in valid]
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {unknown}; valid tasks: {list(valid)}")
+    unknown = [a for a in args.attns if a not in attention_names()]
+    if unknown:
+        raise ValueError(f"--attns: unknown attention(s) {unknown}; valid: "
+                         f"{attention_names()}")
+    if any(seed < 0 for seed in args.seeds):
+        raise ValueError(f"--seeds must be non-negative integers, got {args.seeds}")
+    for name in ("jobs", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    out = Path(args.out)
+    if args.collect_only and not (out / "runs").is_dir():
+        raise ValueError(f"--collect-only: --out {out} holds no runs (expected "
+                         f"{out}/runs/TASK/ATTN/seedS/summary.json); give the folder of a grid")
+    if args.doc:
+        replace_between_markers(Path(args.doc), "", args.name, check_only=True)
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}"
+
+def machine_line(runs: dict, previous: Path, collect_only: bool) -> str:
+    """The machine(s) the runs recorded in their summary.json. Runs from before that record
+    fall back to the "Machine:" line of the previous table (collecting) or this machine."""
+    recorded = sorted({s["machine"] for ss in runs.values() for s in ss if s.get("machine")})
+    unrecorded = any(not s.get("machine") for ss in runs.values() for s in ss)
+    if unrecorded:
+        old = ""
+        if previous.is_file():
+            old = next((line[len("Machine: "):].strip() for line in
+                        previous.read_text().splitlines() if line.startswith("Machine: ")), "")
+        fallback = old or (machine() if not collect_only else "not recorded by the runs")
+        recorded = [*recorded, fallback] if fallback not in recorded else recorded
+    return "; ".join(recorded) or machine()
 
 
 def run(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..cli_util import prepare_out
+
+    check_args(args)
+    out = prepare_out(args.out, overwrite=True)  # a grid folder is meant to be continued
     started = time.perf_counter()
     failures = [] if args.collect_only else run_grid(args, out)
     runs = collect(out, args.attns, args.tasks, args.seeds)
+    if args.collect_only and not runs:
+        raise ValueError(f"--collect-only: no complete run of --tasks {args.tasks} x --attns "
+                         f"{args.attns} x --seeds {args.seeds} in {out}/runs")
     text = tables(runs, args.attns, args.tasks, args.seeds)
     command = "lln results " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lln results"
-    text += f"\nRegenerate: `{command}`  \nMachine: {machine()}"
+    text += (f"\nRegenerate: `{command}`  \n"
+             f"Machine: {machine_line(runs, out / f'{args.name}.md', args.collect_only)}")
     if not args.collect_only:
         text += f"; {args.jobs} run(s) in parallel, {args.threads} thread(s) each"
     text += "\n"

@@ -28,7 +28,10 @@ import json
 import math
 import os
 import resource
+import signal
 import statistics
+import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -41,14 +44,28 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..data.tasks import TaskData, collate, get_task
 from ..models import DecoderLM, EncoderClassifier, parameter_counts
 from . import distributed
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .checkpoint import (
+    CHECKPOINT_KEYS,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from .config import TrainConfig
+from .machine import machine
 from .metrics import MetricsLog, loss_terms, metric_value, read_metrics
 from .sampler import BatchOrder
 
 #: Config fields that may differ between a run and its resumption.
-RESUMABLE_CHANGES = ("resume", "stop_after", "threads", "progress", "out", "keep_checkpoint",
-                     "context_parallel")
+RESUMABLE_CHANGES = ("resume", "overwrite", "stop_after", "threads", "progress", "out",
+                     "keep_checkpoint")
+#: Files of a run in its folder: a folder holding any of them holds a run.
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
+
+
+class RunExistsError(ValueError):
+    """``out`` already holds a run and neither ``resume`` nor ``overwrite`` was asked for."""
 
 
 def build_model(task: TaskData, config: TrainConfig) -> nn.Module:
@@ -119,12 +136,41 @@ def peak_rss_mb() -> float:
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     current = config.to_dict()
+    defaults = TrainConfig(task=config.task, attn=config.attn).to_dict()  # older checkpoints
     changed = sorted(
-        k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
+        k for k in current
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != current[k]
     )
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         raise ValueError(f"cannot resume: the configuration changed ({details})")
+
+
+def check_run_folder(config: TrainConfig) -> str:
+    """What :func:`train` will do with ``config.out``: ``"new"`` (no run there),
+    ``"resume"`` (a checkpoint to continue) or ``"overwrite"``.
+
+    Raises:
+        RunExistsError: the folder holds a run (any of :data:`RUN_FILES`) and the config asks
+            neither to resume it nor to overwrite it, or asks to resume a complete run whose
+            checkpoint is gone. The message names ``--resume`` and ``--overwrite``.
+    """
+    out = Path(config.out)
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if not present:
+        return "new"
+    if config.overwrite:
+        return "overwrite"
+    if config.resume and (out / "checkpoint.pt").exists():
+        return "resume"
+    if config.resume and "summary.json" not in present:
+        return "new"  # killed before its first checkpoint: nothing to resume, nothing final
+    what = ("a complete run (summary.json) and no checkpoint.pt to resume"
+            if config.resume else "a run (" + ", ".join(present) + ")")
+    raise RunExistsError(
+        f"--out {out} already holds {what}: pass --resume to continue it or --overwrite to "
+        "start again and replace it (or choose another --out)"
+    )
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -140,17 +186,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ``{"stopped_at": step}``.
     """
     config = config.resolved()
+    mode = check_run_folder(config)
     ctx = distributed.setup(config.context_parallel)
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    distributed.barrier(ctx)
     checkpoint_path = out / "checkpoint.pt"
 
     # --- data, model, optimisation --------------------------------------------------------
-    task = get_task(config.task, size=config.size, seed=config.data_seed)
+    task = get_task(config.task, size=config.size, seed=config.data_seed, **config.task_options)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if mode == "overwrite":
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+    distributed.barrier(ctx)
     if task.causal and not _registry_spec(config.attn).supports_causal:
         raise ValueError(f"attention {config.attn!r} cannot be trained on the causal task "
                          f"{config.task!r}")
@@ -167,8 +217,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # --- resume ---------------------------------------------------------------------------
     start_step, resumed, state = 0, False, {}
-    if config.resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
+    if mode == "resume":
+        state = load_checkpoint(checkpoint_path, required=CHECKPOINT_KEYS)
         _check_resumable(state["config"], config)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -191,54 +241,66 @@ def train(config: TrainConfig) -> dict[str, Any]:
     step_times: list[float] = []
     val = None
     progress = _progress_bar(config, ctx, start_step)
-    for step in range(start_step + 1, config.steps + 1):
-        tick = time.perf_counter()
-        items = [task.train[i] for i in distributed.shard(order.next_batch(), ctx)]
-        batch = distributed.split_sequence(collate(items, task.pad_id), ctx)
-        global_count = distributed.all_reduce_sum(
-            (batch["target"] != -100).sum().double().reshape(1), ctx)
-        lr = scheduler.get_last_lr()[0]
-        loss_sum, _, _ = run_batch(trained, batch)
-        loss = loss_sum / global_count.float()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        train_loss = distributed.all_reduce_sum(loss.detach().double().reshape(1), ctx).item()
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss is {train_loss} at step {step}")
-        step_times.append(time.perf_counter() - tick)
-        window_losses.append(train_loss)
-        window_times.append(step_times[-1])
-        progress.update(1)
-        progress.set_postfix(loss=f"{train_loss:.3f}")
 
-        if step % config.log_every == 0 or step == config.steps:
-            log.write({"step": step, "split": "train",
-                       "loss": statistics.fmean(window_losses), "lr": lr,
-                       "grad_norm": grad_norm.item(),
-                       "step_time_s": statistics.fmean(window_times),
-                       "elapsed_s": time.perf_counter() - started})
-            window_losses, window_times = [], []
-        if step % config.eval_every == 0 or step == config.steps:
+    def save(step: int) -> None:
+        if ctx.is_main:
+            save_checkpoint(checkpoint_path, {
+                "step": step, "config": config.to_dict(), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "order": order.state_dict(), "rng": rng_state(),
+                "window_losses": window_losses,
+            })
+        distributed.barrier(ctx)
+
+    with _Interrupt(enabled=ctx.world_size == 1) as interrupt:
+        for step in range(start_step + 1, config.steps + 1):
             tick = time.perf_counter()
-            val = evaluate(model, task.val, task, config.eval_batch_size, ctx)
-            log.write({"step": step, "split": "val", **val,
-                       "eval_time_s": time.perf_counter() - tick, "rss_mb": peak_rss_mb()})
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            if ctx.is_main:
-                save_checkpoint(checkpoint_path, {
-                    "step": step, "config": config.to_dict(), "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "order": order.state_dict(), "rng": rng_state(),
-                    "window_losses": window_losses,
-                })
-            distributed.barrier(ctx)
-        if config.stop_after is not None and step == config.stop_after:
-            progress.close()
-            distributed.teardown(ctx)
-            return {"stopped_at": step}
+            items = [task.train[i] for i in distributed.shard(order.next_batch(), ctx)]
+            batch = distributed.split_sequence(collate(items, task.pad_id), ctx)
+            global_count = distributed.all_reduce_sum(
+                (batch["target"] != -100).sum().double().reshape(1), ctx)
+            lr = scheduler.get_last_lr()[0]
+            loss_sum, _, _ = run_batch(trained, batch)
+            loss = loss_sum / global_count.float()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            train_loss = distributed.all_reduce_sum(loss.detach().double().reshape(1), ctx).item()
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training loss is {train_loss} at step {step}")
+            step_times.append(time.perf_counter() - tick)
+            window_losses.append(train_loss)
+            window_times.append(step_times[-1])
+            progress.update(1)
+            progress.set_postfix(loss=f"{train_loss:.3f}")
+
+            if step % config.log_every == 0 or step == config.steps:
+                log.write({"step": step, "split": "train",
+                           "loss": statistics.fmean(window_losses), "lr": lr,
+                           "grad_norm": grad_norm.item(),
+                           "step_time_s": statistics.fmean(window_times),
+                           "elapsed_s": time.perf_counter() - started})
+                window_losses, window_times = [], []
+            if step % config.eval_every == 0 or step == config.steps:
+                tick = time.perf_counter()
+                val = evaluate(model, task.val, task, config.eval_batch_size, ctx)
+                log.write({"step": step, "split": "val", **val,
+                           "eval_time_s": time.perf_counter() - tick, "rss_mb": peak_rss_mb()})
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save(step)
+            if config.stop_after is not None and step == config.stop_after:
+                progress.close()
+                distributed.teardown(ctx)
+                return {"stopped_at": step}
+            if interrupt.asked:  # Ctrl-C: the step is complete; save it and stop
+                if step % config.checkpoint_every and step != config.steps:
+                    save(step)
+                progress.close()
+                distributed.teardown(ctx)
+                return {"stopped_at": step, "interrupted": True,
+                        "checkpoint": str(checkpoint_path)}
     progress.close()
 
     # --- final evaluation -----------------------------------------------------------------
@@ -252,7 +314,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "parameters": counts, "world_size": ctx.world_size,
         "threads": torch.get_num_threads(),
         "step_time_s": _median_step_time(out / "metrics.jsonl", step_times, ctx),
-        "peak_rss_mb": peak_rss_mb(), "torch": torch.__version__,
+        "peak_rss_mb": peak_rss_mb(), "torch": torch.__version__, "machine": machine(),
+        "data": task.config,
     }
     if ctx.is_main:
         _write_json(out / "summary.json", summary)
@@ -260,6 +323,33 @@ def train(config: TrainConfig) -> dict[str, Any]:
             checkpoint_path.unlink(missing_ok=True)
     distributed.teardown(ctx)
     return summary
+
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) during training: the first one asks the loop to finish its step, save
+    a checkpoint and return; a second one interrupts at once (``KeyboardInterrupt``).
+    Installed only in the main thread of a single-process run."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.asked = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nCtrl-C: finishing this step and saving a checkpoint "
+              "(press Ctrl-C again to quit without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _Interrupt:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _median_step_time(log_path: Path, step_times: list[float], ctx) -> float | None:
