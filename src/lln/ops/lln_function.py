@@ -1,0 +1,247 @@
+"""Causal LLN as a ``torch.autograd.Function`` with a hand-derived backward.
+
+Forward runs the chunked kernel of :mod:`lln.ops.lln` segment by segment without autograd
+and keeps for backward only the inputs (``q, k, v`` as given, ``alpha, beta``, the mask),
+the log of each row's true denominator ``(B, H, N)`` and the state entering each segment
+(``(N / segment) * D * Dv`` per head): no ``N x C x C`` or ``N x D x Dv`` tensor and no
+feature map. Backward recomputes one segment at a time (last first) and writes the
+gradients into preallocated full-size tensors.
+
+The math (``qs = alpha q``, ``ks = beta k``, ``L_i = log(den_i + eps)``, ``g_i = dL/do_i``,
+``c_i = g_i . o_i`` and the dim-resolved probabilities ``P_ijd = exp(qs_id + ks_jd - L_i)``
+over the visible pairs j <= i)::
+
+    dv_j   = sum_i sum_d P_ijd g_i
+    dqs_id = sum_j P_ijd (g_i . v_j - c_i)
+    dks_jd = sum_i P_ijd (g_i . v_j - c_i)
+
+* **Inter-chunk** (key in an earlier chunk): for queries, ``exp(qs_id + max_before_d - L_i)
+  ((KV g_i)_d - c_i ksum_d)`` against the recomputed state entering the chunk. For keys
+  and values, a REVERSE scan over chunks of ``G_d = sum_i exp(a_id - amax_d) g_i`` and
+  ``Cs_d = sum_i exp(a_id - amax_d) c_i`` with ``a_id = qs_id - L_i`` and a per-dim running
+  max ``amax`` (the mirror of the forward state). ``ks_jd + a_id <= 0`` for every visible
+  pair, so ``exp(ks_jd + amax_d) <= 1`` never overflows. The scan starts from the gradient
+  of the final state and ends in the gradient of the initial state.
+* **Intra-chunk**: the C x C weights are recomputed from the inputs with the row
+  normaliser split in two halves (``x_i = (max_d qs_id - m_i + L_i) / 2``): ``exp(qs_id -
+  x_i)`` and ``exp(x_i + r_j - L_i)`` are each at most ``exp(Delta_i / 2)`` where ``Delta_i
+  = max_d qs_id + m_i - L_i`` is the row's misalignment (< 104 for any row the float32
+  forward keeps), so nothing overflows even when the forward's normalised denominator is
+  subnormal, and no ``1 / den`` is ever formed. Rows set to 0 (``L_i = +inf``) get exactly
+  zero gradient.
+* The output ``o_i`` needed for ``c_i`` is recomputed too (two more matmuls per chunk)
+  instead of being saved: it saves a full ``(B, H, N, Dv)`` tensor.
+
+Double backward is not supported (``once_differentiable``: a clear error).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .lln import (
+    NEG_INF,
+    SEGMENT_CHUNKS,
+    _bmm,
+    _carry_states,
+    _chunk_layout,
+    _chunk_offsets,
+    _finite_or_zero,
+    _scaled_segment,
+    _visible,
+)
+
+
+def _rows(t: Tensor | None, part: slice, dim: int = 2) -> Tensor | None:
+    """``t`` restricted to the tokens ``part`` along ``dim`` (as is when it broadcasts)."""
+    if t is None or t.shape[dim] == 1:
+        return t
+    return t[(slice(None),) * dim + (part,)]
+
+
+class CausalLLN(torch.autograd.Function):
+    """``(out, kv, k_sum, k_max, lost)`` of causal LLN continuing ``(kv, k_sum, k_max)``.
+
+    Inputs: ``q, k (B, H, N, D)``, ``v (B, H, N, Dv)`` (any float dtype), ``alpha, beta``
+    broadcastable ``(B|1, H|1, N|1, 1)`` in the compute dtype, the state tensors, the key
+    mask ``(B, N)`` or None, ``chunk_size``, ``eps``. Gradients flow to q, k, v, alpha,
+    beta (when they require it), ``kv`` and ``k_sum``; ``k_max`` is an offset (the output
+    does not depend on it) and gets none, as in the autograd-through-ops path.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, beta, kv, k_sum, k_max, mask, chunk_size, eps):
+        cdt = kv.dtype
+        b, h, n, _ = q.shape
+        segment = chunk_size * SEGMENT_CHUNKS
+        out = torch.empty(b, h, n, v.shape[-1], dtype=cdt, device=q.device)
+        log_den = torch.empty(b, h, n, dtype=cdt, device=q.device)
+        kv_starts, ks_starts, kmax_starts = [], [], []
+        lost = torch.zeros((), dtype=torch.int64, device=q.device)
+        for start in range(0, n, segment):
+            part = slice(start, start + segment)
+            kv_starts.append(kv)
+            ks_starts.append(k_sum)
+            kmax_starts.append(k_max)
+            out_seg, kv, k_sum, k_max, lost_seg, log_den_seg = _scaled_segment(
+                q[:, :, part], k[:, :, part], v[:, :, part], _rows(alpha, part),
+                _rows(beta, part), _rows(mask, part, 1), kv, k_sum, k_max, chunk_size, eps,
+            )
+            out[:, :, part] = out_seg
+            log_den[:, :, part] = log_den_seg
+            lost += lost_seg
+        ctx.save_for_backward(
+            q, k, v, alpha, beta, mask, log_den, torch.stack(kv_starts),
+            torch.stack(ks_starts), torch.stack(kmax_starts), k_max,
+        )
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(k_max, lost)
+        return out, kv, k_sum, k_max, lost
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_kv, g_ks, _g_kmax, _g_lost):
+        (q, k, v, alpha, beta, mask, log_den, kv_starts, ks_starts, kmax_starts,
+         k_max_end) = ctx.saved_tensors
+        need_q, need_k, need_v, need_a, need_b, need_kv, need_ks = ctx.needs_input_grad[:7]
+        cdt = log_den.dtype
+        n = q.shape[2]
+        segment = ctx.chunk_size * SEGMENT_CHUNKS
+        dq = torch.empty_like(q) if need_q else None
+        dk = torch.empty_like(k) if need_k else None
+        dv = torch.empty_like(v) if need_v else None
+        da = torch.empty(_token_shape(q, alpha), dtype=cdt, device=q.device) if need_a else None
+        db = torch.empty(_token_shape(q, beta), dtype=cdt, device=q.device) if need_b else None
+        # reverse-scan state: gradient of the final state in the G / Cs / amax form
+        finite = torch.isfinite(k_max_end)
+        amax = torch.where(finite, -k_max_end, NEG_INF)
+        big_g = torch.where(finite.unsqueeze(-1), g_kv.to(cdt), 0.0)
+        big_c = torch.where(finite, -g_ks.to(cdt), 0.0)
+        starts = list(range(0, n, segment))
+        for index in reversed(range(len(starts))):
+            part = slice(starts[index], starts[index] + segment)
+            q_seg, k_seg = q[:, :, part].to(cdt), k[:, :, part].to(cdt)
+            a_seg, b_seg = _rows(alpha, part), _rows(beta, part)
+            dqs, dks, dv_seg, big_g, big_c, amax = _segment_backward(
+                q_seg * a_seg, k_seg * b_seg, v[:, :, part].to(cdt), g_out[:, :, part],
+                log_den[:, :, part], _rows(mask, part, 1), kv_starts[index],
+                ks_starts[index], kmax_starts[index], big_g, big_c, amax, ctx.chunk_size,
+            )
+            if need_q:
+                dq[:, :, part] = dqs * a_seg
+            if need_k:
+                dk[:, :, part] = dks * b_seg
+            if need_v:
+                dv[:, :, part] = dv_seg
+            if need_a:
+                da[:, :, part] = (dqs * q_seg).sum(-1, keepdim=True).sum_to_size(
+                    da[:, :, part].shape
+                )
+            if need_b:
+                db[:, :, part] = (dks * k_seg).sum(-1, keepdim=True).sum_to_size(
+                    db[:, :, part].shape
+                )
+        # gradient of the initial state: what reaches past the first token
+        reach = torch.exp(kmax_starts[0] + amax)  # <= 1; 0 where either is -inf
+        d_kv = reach.unsqueeze(-1) * big_g if need_kv else None
+        d_ks = -(reach * big_c) if need_ks else None
+        da = None if da is None else da.sum_to_size(alpha.shape)
+        db = None if db is None else db.sum_to_size(beta.shape)
+        return dq, dk, dv, da, db, d_kv, d_ks, None, None, None, None
+
+
+def _token_shape(q: Tensor, scale: Tensor) -> tuple[int, ...]:
+    """Per-token gradient shape of a scale: ``(B|1, H|1, N, 1)`` (summed to the scale's
+    own shape at the end)."""
+    return (*scale.shape[:2], q.shape[2], 1)
+
+
+def _segment_backward(
+    qs: Tensor, ks: Tensor, v: Tensor, g: Tensor, log_den: Tensor, mask: Tensor | None,
+    kv: Tensor, k_sum: Tensor, k_max: Tensor, big_g: Tensor, big_c: Tensor, amax: Tensor,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of one segment wrt ``qs, ks, v`` given the state ``(kv, k_sum, k_max)``
+    entering it, and the reverse-scan state ``(G, Cs, amax)`` of everything after it;
+    returns the three gradients and the reverse-scan state before the segment."""
+    b, h, n, d = qs.shape
+    dv_dim = v.shape[-1]
+    qc, kc, vc, key_real, pad = _chunk_layout(qs, ks, v, mask, chunk_size)
+    n_chunks, c = qc.shape[2:4]
+    if pad:
+        g = torch.nn.functional.pad(g, (0, 0, 0, pad))
+        log_den = torch.nn.functional.pad(log_den, (0, pad), value=float("inf"))
+    gc = g.view(b, h, n_chunks, c, dv_dim)
+    lc = log_den.view(b, h, n_chunks, c)
+    k_masked, row_max, run_max, chunk_max, max_before, max_after = _chunk_offsets(
+        kc, key_real, k_max
+    )
+    visible = _visible(row_max, key_real)
+    k_loc = (k_masked - _finite_or_zero(chunk_max).unsqueeze(-2)).exp_()
+    kv_before, ks_before, _, _ = _carry_states(
+        k_loc, vc, chunk_max, max_before, max_after, kv, k_sum
+    )
+    del k_loc
+    # inter-chunk probabilities exp(qs_id + max_before_d - L_i) <= 1 (0 on rows set to 0)
+    q_inter = (qc + (max_before.unsqueeze(-2) - lc.unsqueeze(-1))).exp_()
+    out = _bmm(q_inter, kv_before)
+    # intra-chunk: the normaliser split between the two factors (see the module docstring)
+    half = (qc.amax(-1) - run_max + lc) * 0.5  # x_i: +inf on rows set to 0 / nothing seen
+    q_hat = (qc - half.unsqueeze(-1)).exp_()
+    k_hat = (k_masked - _finite_or_zero(row_max).unsqueeze(-1)).exp_()
+    rest = (half - lc).nan_to_num(nan=NEG_INF, posinf=NEG_INF)
+    e = (row_max.unsqueeze(-2) + rest.unsqueeze(-1)).masked_fill_(~visible, NEG_INF).exp_()
+    probs = (_bmm(q_hat, k_hat.transpose(-1, -2)) * e).masked_fill_(~visible, 0.0)
+    out += _bmm(probs, vc)
+    dots = (gc * out).sum(-1)  # c_i = g_i . o_i
+    del out
+    d_probs = _bmm(gc, vc.transpose(-1, -2)).sub_(dots.unsqueeze(-1))  # g_i . v_j - c_i
+    d_probs = d_probs.mul_(e).masked_fill_(~visible, 0.0)
+    dks = k_hat * _bmm(d_probs.transpose(-1, -2), q_hat)
+    dqs = q_hat.mul_(_bmm(d_probs, k_hat))
+    dv = _bmm(probs.transpose(-1, -2), gc)
+    del probs, d_probs, e
+    dqs += q_inter.mul_(
+        _bmm(gc, kv_before.transpose(-1, -2)) - dots.unsqueeze(-1) * ks_before.transpose(-1, -2)
+    )
+    del q_inter, kv_before, ks_before
+    # inter-chunk, keys and values: reverse scan over the chunks
+    a = qc - lc.unsqueeze(-1)  # a_id = qs_id - L_i: -inf on rows set to 0
+    chunk_amax = a.amax(-2)  # (B, H, nC, D)
+    a_loc = (a - _finite_or_zero(chunk_amax).unsqueeze(-2)).exp_()
+    g_loc = _bmm(a_loc.transpose(-1, -2), gc)  # (B, H, nC, D, Dv)
+    c_loc = _bmm(a_loc.transpose(-1, -2), dots.unsqueeze(-1)).squeeze(-1)  # (B, H, nC, D)
+    del a, a_loc
+    g_after, c_after, amax_after = [], [], []
+    for index in reversed(range(n_chunks)):
+        g_after.append(big_g)
+        c_after.append(big_c)
+        amax_after.append(amax)
+        top = torch.maximum(amax, chunk_amax[:, :, index])
+        decay = torch.exp(amax - top).nan_to_num(0.0)
+        inject = torch.exp(chunk_amax[:, :, index] - top).nan_to_num(0.0)
+        big_g = torch.addcmul(big_g * decay.unsqueeze(-1), g_loc[:, :, index], inject.unsqueeze(-1))
+        big_c = torch.addcmul(big_c * decay, c_loc[:, :, index], inject)
+        amax = top
+    g_after = torch.stack(g_after[::-1], 2)  # (B, H, nC, D, Dv)
+    c_after = torch.stack(c_after[::-1], 2)  # (B, H, nC, D)
+    amax_after = torch.stack(amax_after[::-1], 2)
+    k_inter = (k_masked + amax_after.unsqueeze(-2)).exp_()  # <= 1; 0 on padded keys
+    dv += _bmm(k_inter, g_after)
+    dks += k_inter.mul_(_bmm(vc, g_after.transpose(-1, -2)).sub_(c_after.unsqueeze(-2)))
+
+    def unchunk(t: Tensor) -> Tensor:
+        return t.reshape(b, h, n_chunks * c, t.shape[-1])[:, :, :n]
+
+    return unchunk(dqs), unchunk(dks), unchunk(dv), big_g, big_c, amax
+
+
+def causal_lln(
+    q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, mask: Tensor | None,
+    kv: Tensor, k_sum: Tensor, k_max: Tensor, chunk_size: int, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Causal LLN through :class:`CausalLLN`: ``(out, kv, k_sum, k_max, lost)`` (see
+    :func:`lln.ops.lln._causal`)."""
+    return CausalLLN.apply(q, k, v, alpha, beta, kv, k_sum, k_max, mask, chunk_size, eps)
