@@ -569,25 +569,22 @@ def lln_attention(
             (calibrated for the head dim D of q,
             :func:`lln.ops.moment_matching.moment_constants`). Moment matching only: with
             explicit alpha, beta only ``"paper"`` is accepted.
-        eps: added to the normalised denominator (default 0: exact; rows without keys give 0).
+        eps: added to the true denominator, ``out_i = sum_j w_ij v_j / (eps + sum_j
+            w_ij)`` (default 0: exact; rows without keys give 0). Defined on the true
+            denominator, it does not depend on ``chunk_size`` or on how a causal sequence
+            is split into calls.
         chunk_size: tokens per chunk of the causal path (a speed knob; results agree to
             rounding for every value).
         initial_state: an :class:`LLNState` returned by a previous causal call to continue.
         output_final_state: also return the state after the last token (causal only).
-        checkpoint: activation checkpointing inside the causal kernel, trading compute for
-            memory in training on long sequences. While autograd records a graph, each
-            segment of ``16 * chunk_size`` tokens runs under
-            ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: backward keeps
-            only the segment inputs and the carried states (instead of the C x C chunk
-            weights and the feature maps, several hundred floats per token and head) and
-            recomputes one segment at a time, for one more forward pass of the kernel.
-            Wrapping the whole call in ``torch.utils.checkpoint`` from outside cannot do
-            this: its recompute rebuilds every segment's intermediates at once, so the peak
-            in backward stays the same. Outputs and gradients equal those without it (the
-            recompute repeats the same operations; bit for bit in the CPU tests). No
-            effect without grad (inference) or when not causal (the non-causal kernel is
-            one piece that keeps a few ``(N, D)`` feature maps; checkpoint the call from
-            outside if those matter).
+        checkpoint: accepted for compatibility; no longer needed and no effect. The
+            causal kernel is an autograd Function with a hand-derived backward
+            (:mod:`lln.ops.lln_function`) that keeps only q, k, v, alpha, beta, one
+            log-denominator per row and the state at each segment boundary, and recomputes
+            one segment of ``16 * chunk_size`` tokens at a time in backward — what
+            ``checkpoint=True`` used to buy, without its extra forward pass. (Inside
+            :func:`lln.ops.lln.reference_kernel` it still checkpoints the reference
+            path's segments.) Double backward is not supported and raises.
 
     Returns:
         ``out`` with the shape ``(B, H, L, Dv)`` and dtype of ``v``, or ``(out, state)``.

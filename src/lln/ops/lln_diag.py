@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._validation import broadcast_param, check_qkv, compute_dtype
 from .block_diag import block_diag_forward, check_block_args
-from .lln import check_lln_args, lln_forward, segment_runner, warn_lost_rows
+from .lln import _reference, check_lln_args, lln_forward, segment_runner, warn_lost_rows
 from .state import LLNState
 
 #: Tokens per piece of the causal path (see ``lln_diag_attention``).
@@ -53,13 +53,10 @@ def lln_diag_attention(
             of the sequence, also across chained calls.
         scale: softmax score scale inside blocks (default ``1 / sqrt(D)``).
         lln_weight, diag_weight: floats or tensors broadcastable to ``(B, H, 1, Dv)``.
-        checkpoint: activation checkpointing inside the causal op (see
-            :func:`lln.lln_attention`): while autograd records, each piece of
-            ``PIECE_TOKENS`` (1024) tokens — its LLN segments and its diagonal blocks —
-            runs under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``, so
-            backward keeps only the piece inputs and the carried state and recomputes one
-            piece at a time. Checkpointing the whole call from outside would recompute all
-            pieces at once. No effect without grad or when not causal.
+        checkpoint: accepted for compatibility; no longer needed and no effect (see
+            :func:`lln.lln_attention`): the causal LLN part keeps only its inputs and
+            per-segment states for backward, and the diagonal part runs as fused SDPA,
+            which keeps its inputs, output and log-sum-exp.
 
     Returns:
         ``out`` ``(B, H, N, Dv)`` in the dtype of ``v``, or ``(out, state)``.
@@ -88,8 +85,17 @@ def lln_diag_attention(
     )
     if not is_causal:
         return _lln_diag_piece(q, k, v, mask, None, **parts)[0].to(v.dtype)  # (lost = 0)
-    # Causal: cache-sized pieces chained through the state, which is exact (chaining equals
-    # one call) and keeps every temporary small; only the output is assembled at full size.
+    if not _reference.active:
+        # Causal: the LLN part is one autograd Function that works segment by segment (see
+        # lln.ops.lln_function), the diagonal part one fused SDPA call over whole blocks (or
+        # segments of blocks when padded), so one call covers the whole input.
+        out, state, lost = _lln_diag_piece(q, k, v, mask, initial_state, **parts)
+        warn_lost_rows(lost)
+        out = out.to(v.dtype)
+        return (out, state) if output_final_state else out
+    # Reference (autograd through the ops, inside lln.ops.lln.reference_kernel()):
+    # cache-sized pieces chained through the state, which is exact (chaining equals one
+    # call); ``checkpoint`` runs each piece under activation checkpointing.
     state = initial_state
     carried = () if state is None else (state.kv, state.k_sum, state.block_k, state.block_v)
     run = segment_runner(
@@ -159,7 +165,8 @@ def _lln_diag_piece(
     out = torch.addcmul(lln_weight * lln_out, diag_weight, diag_out)
     if new_state is not None:
         start = (carried + n) // block_size * block_size  # first token of the unfinished block
-        new_state.block_k = k[:, :, start:]
-        new_state.block_v = v[:, :, start:]
-        new_state.block_mask = real[:, start:]
+        # copies: a state owns its memory (a caller may refill its k / v buffers)
+        new_state.block_k = k[:, :, start:].clone()
+        new_state.block_v = v[:, :, start:].clone()
+        new_state.block_mask = real[:, start:].clone()
     return out, new_state, lost

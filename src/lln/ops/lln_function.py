@@ -23,10 +23,12 @@ over the visible pairs j <= i)::
   pair, so ``exp(ks_jd + amax_d) <= 1`` never overflows. The scan starts from the gradient
   of the final state and ends in the gradient of the initial state.
 * **Intra-chunk**: the C x C weights are recomputed from the inputs with the row
-  normaliser split in two halves (``x_i = (max_d qs_id - m_i + L_i) / 2``): ``exp(qs_id -
-  x_i)`` and ``exp(x_i + r_j - L_i)`` are each at most ``exp(Delta_i / 2)`` where ``Delta_i
-  = max_d qs_id + m_i - L_i`` is the row's misalignment (< 104 for any row the float32
-  forward keeps), so nothing overflows even when the forward's normalised denominator is
+  normaliser split in two halves. For ``dqs`` (a sum over keys) per row,
+  ``x_i = (max_d qs_id - m_i + L_i) / 2``: ``exp(qs_id - x_i)`` and ``exp(x_i + r_j - L_i)``
+  are each at most ``exp(Delta / 2)``, ``Delta = max_d qs_id + max_d ks_jd - L_i`` the
+  misalignment of a pair (< 104 for any row the float32 forward keeps). For ``dks`` (a sum
+  over queries) per column, ``y_j = (r_j - max_{i >= j}(max_d qs_id - L_i)) / 2`` with the
+  same bound. So nothing overflows even when the forward's normalised denominator is
   subnormal, and no ``1 / den`` is ever formed. Rows set to 0 (``L_i = +inf``) get exactly
   zero gradient.
 * The output ``o_i`` needed for ``c_i`` is recomputed too (two more matmuls per chunk)
@@ -187,8 +189,10 @@ def _segment_backward(
     # inter-chunk probabilities exp(qs_id + max_before_d - L_i) <= 1 (0 on rows set to 0)
     q_inter = (qc + (max_before.unsqueeze(-2) - lc.unsqueeze(-1))).exp_()
     out = _bmm(q_inter, kv_before)
-    # intra-chunk: the normaliser split between the two factors (see the module docstring)
-    half = (qc.amax(-1) - run_max + lc) * 0.5  # x_i: +inf on rows set to 0 / nothing seen
+    # intra-chunk: the normaliser split between the factors (see the module docstring).
+    # Rows (for dqs): x_i = (max_d qs_id - m_i + L_i) / 2, +inf on rows set to 0.
+    q_max = qc.amax(-1)
+    half = (q_max - run_max + lc) * 0.5
     q_hat = (qc - half.unsqueeze(-1)).exp_()
     k_hat = (k_masked - _finite_or_zero(row_max).unsqueeze(-1)).exp_()
     rest = (half - lc).nan_to_num(nan=NEG_INF, posinf=NEG_INF)
@@ -198,11 +202,21 @@ def _segment_backward(
     dots = (gc * out).sum(-1)  # c_i = g_i . o_i
     del out
     d_probs = _bmm(gc, vc.transpose(-1, -2)).sub_(dots.unsqueeze(-1))  # g_i . v_j - c_i
-    d_probs = d_probs.mul_(e).masked_fill_(~visible, 0.0)
-    dks = k_hat * _bmm(d_probs.transpose(-1, -2), q_hat)
-    dqs = q_hat.mul_(_bmm(d_probs, k_hat))
+    dqs = q_hat.mul_(_bmm((d_probs * e).masked_fill_(~visible, 0.0), k_hat))
+    del e, k_hat
+    # Columns (for dks): y_j = (r_j - u_j) / 2 with u_j = max_{i >= j} (max_d qs_id - L_i),
+    # so that exp(ks_jd - y_j) and exp(max_d qs_id - L_i + y_j) are both <= exp(Delta / 2).
+    q_rel = q_max - lc  # -inf on rows set to 0
+    u = q_rel.flip(-1).cummax(-1).values.flip(-1)
+    col = _finite_or_zero(torch.where(torch.isfinite(u), (row_max - u) * 0.5, row_max))
+    e = (q_rel.nan_to_num(nan=NEG_INF).unsqueeze(-1) + col.unsqueeze(-2))
+    e = e.masked_fill_(~visible, NEG_INF).exp_()
+    q_hat = (qc - q_max.unsqueeze(-1)).exp_()
+    dks = _bmm(d_probs.mul_(e).masked_fill_(~visible, 0.0).transpose(-1, -2), q_hat)
+    dks = dks.mul_((k_masked - col.unsqueeze(-1)).exp_())
+    del q_hat, e, d_probs
     dv = _bmm(probs.transpose(-1, -2), gc)
-    del probs, d_probs, e
+    del probs
     dqs += q_inter.mul_(
         _bmm(gc, kv_before.transpose(-1, -2)) - dots.unsqueeze(-1) * ks_before.transpose(-1, -2)
     )
