@@ -294,6 +294,7 @@ def _noncausal(
 def _causal(
     q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, mask: Tensor | None,
     state: LLNState, chunk_size: int, eps: float, checkpoint: bool = False,
+    diag: tuple | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | int]:
     """Causal LLN over segments of ``SEGMENT_CHUNKS`` chunks, chained through the state.
 
@@ -320,7 +321,9 @@ def _causal(
     if not _reference.active:
         from .lln_function import causal_lln  # (it builds on this module's kernel)
 
-        return causal_lln(q, k, v, alpha, beta, mask, kv, k_sum, k_max, chunk_size, eps)
+        return causal_lln(q, k, v, alpha, beta, mask, kv, k_sum, k_max, chunk_size, eps, diag)
+    if diag is not None:
+        raise ValueError("the reference kernel computes the diagonal part separately")
     segment = chunk_size * SEGMENT_CHUNKS
     n_segments = -(-q.shape[2] // segment)
 
@@ -503,10 +506,13 @@ def lln_forward(
     block_size: int | None = None,
     constants: str = "paper",
     checkpoint: bool = False,
+    diag: tuple | None = None,
 ) -> tuple[Tensor, LLNState | None, Tensor | int]:
     """LLN on validated inputs. Returns the output in the compute dtype, when causal the
     state after the input (``block_*`` fields are left for the caller), and the number of
-    underflowed rows (for :func:`warn_lost_rows`; 0 when not causal)."""
+    underflowed rows (for :func:`warn_lost_rows`; 0 when not causal). ``diag`` (causal
+    only): the LLN+Diag combination computed in the same Function (see
+    :func:`lln.ops.lln_function.causal_lln`)."""
     cdt = compute_dtype(q.dtype)
     alpha_t, beta_t, moments = feature_scales(
         q, k, is_causal=is_causal, key_padding_mask=mask, alpha=alpha, beta=beta,
@@ -519,7 +525,8 @@ def lln_forward(
         b, h, _, d = q.shape
         state = LLNState.empty(b, h, d, v.shape[-1], dtype=cdt, device=q.device)
     out, kv, k_sum, k_max, lost = _causal(
-        q, k, v, alpha_t, beta_t, mask, state, chunk_size, eps, checkpoint=checkpoint
+        q, k, v, alpha_t, beta_t, mask, state, chunk_size, eps, checkpoint=checkpoint,
+        diag=diag,
     )
     new_state = LLNState(
         kv=kv, k_sum=k_sum, k_max=k_max, position=state.position + q.shape[2],

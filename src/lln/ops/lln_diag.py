@@ -89,7 +89,7 @@ def lln_diag_attention(
         # Causal: the LLN part is one autograd Function that works segment by segment (see
         # lln.ops.lln_function), the diagonal part one fused SDPA call over whole blocks (or
         # segments of blocks when padded), so one call covers the whole input.
-        out, state, lost = _lln_diag_piece(q, k, v, mask, initial_state, **parts)
+        out, state, lost = _lln_diag_causal(q, k, v, mask, initial_state, **parts)
         warn_lost_rows(lost)
         out = out.to(v.dtype)
         return (out, state) if output_final_state else out
@@ -115,6 +115,45 @@ def lln_diag_attention(
     warn_lost_rows(lost)
     out = (torch.cat(outs, 2) if len(outs) > 1 else outs[0]).to(v.dtype)
     return (out, state) if output_final_state else out
+
+
+def _lln_diag_causal(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: LLNState | None, *,
+    alpha: float | Tensor | None, beta: float | Tensor | None, stats: str, temperature: float,
+    constants: str, eps: float, chunk_size: int, block_size: int, scale: float,
+    lln_weight: Tensor, diag_weight: Tensor, is_causal: bool = True,
+) -> tuple[Tensor, LLNState, Tensor | int]:
+    """Causal LLN+Diag in one :class:`lln.ops.lln_function.CausalLLN` call (both parts,
+    the mixing and their hand-derived / recomputed backward). Returns the output in the
+    compute dtype, the state after the input and the number of underflowed LLN rows."""
+    from .lln_function import DiagPart
+
+    b, _, n, _ = q.shape
+    carried = 0 if state is None else state.position % block_size
+    part = DiagPart(
+        block_size=block_size, scale=scale, carried=carried,
+        block_mask=None if not carried else state.block_mask,
+    )
+    block_k, block_v = (state.block_k, state.block_v) if carried else (None, None)
+    out, new_state, lost = lln_forward(
+        q, k, v, is_causal=True, mask=mask, alpha=alpha, beta=beta, stats=stats,
+        temperature=temperature, eps=eps, chunk_size=chunk_size, state=state,
+        block_size=block_size, constants=constants,
+        diag=(lln_weight, diag_weight, block_k, block_v, part),
+    )
+    # the unfinished block after the input, as copies (a state owns its memory)
+    start = (carried + n) // block_size * block_size - carried  # may be < 0: carried tokens
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    if start >= 0:
+        tail = (k[:, :, start:], v[:, :, start:], real[:, start:])
+    else:
+        tail = (
+            torch.cat([block_k[:, :, start:].to(k.dtype), k], 2),
+            torch.cat([block_v[:, :, start:].to(v.dtype), v], 2),
+            torch.cat([state.block_mask[:, start:], real], 1),
+        )
+    new_state.block_k, new_state.block_v, new_state.block_mask = (t.clone() for t in tail)
+    return out, new_state, lost
 
 
 def _lln_diag_piece(

@@ -39,10 +39,13 @@ Double backward is not supported (``once_differentiable``: a clear error).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .block_diag import SEGMENT_TOKENS, block_diag_forward
 from .lln import (
     NEG_INF,
     SEGMENT_CHUNKS,
@@ -74,7 +77,10 @@ class CausalLLN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, beta, kv, k_sum, k_max, mask, chunk_size, eps):
+    def forward(
+        ctx, q, k, v, alpha, beta, kv, k_sum, k_max, lln_w, diag_w, block_k, block_v, mask,
+        chunk_size, eps, diag,
+    ):
         cdt = kv.dtype
         b, h, n, _ = q.shape
         segment = chunk_size * SEGMENT_CHUNKS
@@ -91,14 +97,22 @@ class CausalLLN(torch.autograd.Function):
                 q[:, :, part], k[:, :, part], v[:, :, part], _rows(alpha, part),
                 _rows(beta, part), _rows(mask, part, 1), kv, k_sum, k_max, chunk_size, eps,
             )
-            out[:, :, part] = out_seg
+            out[:, :, part] = out_seg if diag is None else out_seg * lln_w
             log_den[:, :, part] = log_den_seg
             lost += lost_seg
+        if diag is not None:
+            for part, first in _diag_parts(n, diag):
+                out[:, :, part].addcmul_(diag_w, _diag_part(
+                    q[:, :, part], k[:, :, part], v[:, :, part], _rows(mask, part, 1),
+                    block_k, block_v, first, diag,
+                ))
         ctx.save_for_backward(
             q, k, v, alpha, beta, mask, log_den, torch.stack(kv_starts),
-            torch.stack(ks_starts), torch.stack(kmax_starts), k_max,
+            torch.stack(ks_starts), torch.stack(kmax_starts), k_max, lln_w, diag_w, block_k,
+            block_v,
         )
         ctx.chunk_size = chunk_size
+        ctx.diag = diag
         ctx.mark_non_differentiable(k_max, lost)
         return out, kv, k_sum, k_max, lost
 
@@ -106,8 +120,11 @@ class CausalLLN(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_out, g_kv, g_ks, _g_kmax, _g_lost):
         (q, k, v, alpha, beta, mask, log_den, kv_starts, ks_starts, kmax_starts,
-         k_max_end) = ctx.saved_tensors
+         k_max_end, lln_w, diag_w, block_k, block_v) = ctx.saved_tensors
         need_q, need_k, need_v, need_a, need_b, need_kv, need_ks = ctx.needs_input_grad[:7]
+        need_lw, need_dw, need_bk, need_bv = ctx.needs_input_grad[8:12]
+        diag = ctx.diag
+        d_lw = torch.zeros_like(lln_w) if need_lw else None
         cdt = log_den.dtype
         n = q.shape[2]
         segment = ctx.chunk_size * SEGMENT_CHUNKS
@@ -126,11 +143,14 @@ class CausalLLN(torch.autograd.Function):
             part = slice(starts[index], starts[index] + segment)
             q_seg, k_seg = q[:, :, part].to(cdt), k[:, :, part].to(cdt)
             a_seg, b_seg = _rows(alpha, part), _rows(beta, part)
-            dqs, dks, dv_seg, big_g, big_c, amax = _segment_backward(
-                q_seg * a_seg, k_seg * b_seg, v[:, :, part].to(cdt), g_out[:, :, part],
+            g_seg = g_out[:, :, part] if diag is None else g_out[:, :, part] * lln_w
+            dqs, dks, dv_seg, big_g, big_c, amax, out_seg = _segment_backward(
+                q_seg * a_seg, k_seg * b_seg, v[:, :, part].to(cdt), g_seg,
                 log_den[:, :, part], _rows(mask, part, 1), kv_starts[index],
                 ks_starts[index], kmax_starts[index], big_g, big_c, amax, ctx.chunk_size,
             )
+            if need_lw:
+                d_lw += (g_out[:, :, part] * out_seg).sum_to_size(d_lw.shape)
             if need_q:
                 dq[:, :, part] = dqs * a_seg
             if need_k:
@@ -151,7 +171,72 @@ class CausalLLN(torch.autograd.Function):
         d_ks = -(reach * big_c) if need_ks else None
         da = None if da is None else da.sum_to_size(alpha.shape)
         db = None if db is None else db.sum_to_size(beta.shape)
-        return dq, dk, dv, da, db, d_kv, d_ks, None, None, None, None
+        d_dw = d_bk = d_bv = None
+        if diag is not None:
+            d_dw = torch.zeros_like(diag_w) if need_dw else None
+            d_bk = torch.zeros_like(block_k) if need_bk else None
+            d_bv = torch.zeros_like(block_v) if need_bv else None
+            for part, first in _diag_parts(n, diag):
+                inputs = [q[:, :, part], k[:, :, part], v[:, :, part]]
+                if first and diag.carried:
+                    inputs += [block_k, block_v]
+                leaves = [t.detach().requires_grad_() for t in inputs]
+                with torch.enable_grad():
+                    out_part = _diag_part(
+                        *leaves[:3], _rows(mask, part, 1), *(leaves[3:] or (None, None)),
+                        first, diag,
+                    )
+                g_part = g_out[:, :, part]
+                grads = torch.autograd.grad(out_part, leaves, g_part * diag_w, allow_unused=True)
+                buffers = [_rows(t, part) for t in (dq, dk, dv)] + [d_bk, d_bv]
+                for buffer, grad in zip(buffers, grads, strict=False):
+                    if buffer is not None and grad is not None:
+                        buffer += grad
+                if need_dw:
+                    d_dw += (g_part * out_part.detach()).sum_to_size(d_dw.shape)
+        return (dq, dk, dv, da, db, d_kv, d_ks, None, d_lw, d_dw, d_bk, d_bv, None, None, None,
+                None)
+
+
+@dataclass(frozen=True)
+class DiagPart:
+    """The block-diagonal softmax part of LLN+Diag for :class:`CausalLLN`: blocks of
+    ``block_size`` tokens aligned to the start of the sequence, of which ``carried`` tokens
+    (``block_k``, ``block_v``, ``block_mask`` of the state) came before this call."""
+
+    block_size: int
+    scale: float
+    carried: int
+    block_mask: Tensor | None
+
+
+def _diag_parts(n: int, diag: DiagPart) -> list[tuple[slice, bool]]:
+    """Token ranges of the input, each made of whole blocks (the first one completes the
+    carried block), about ``SEGMENT_TOKENS`` long; ``True`` marks the first."""
+    size = diag.block_size * max(1, SEGMENT_TOKENS // diag.block_size)
+    starts = [0, *range(size - diag.carried, n, size)] if size - diag.carried < n else [0]
+    ends = [*starts[1:], n]
+    return [(slice(a, b), a == 0) for a, b in zip(starts, ends, strict=True)]
+
+
+def _diag_part(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, block_k: Tensor | None,
+    block_v: Tensor | None, first: bool, diag: DiagPart,
+) -> Tensor:
+    """Block-diagonal causal softmax of one part of the input (compute dtype); the first
+    part is preceded by the carried tokens of the state (their rows are dropped)."""
+    carried = diag.carried if first else 0
+    if carried:
+        b, h, _, d = q.shape
+        real = torch.ones(b, q.shape[2], dtype=torch.bool, device=q.device)
+        mask = torch.cat([diag.block_mask, real if mask is None else mask], 1)
+        q = torch.cat([q.new_zeros(b, h, carried, d), q], 2)
+        k = torch.cat([block_k.to(k.dtype), k], 2)
+        v = torch.cat([block_v.to(v.dtype), v], 2)
+    out = block_diag_forward(
+        q, k, v, mask, block_size=diag.block_size, is_causal=True, scale=diag.scale
+    )
+    return out[:, :, carried:]
 
 
 def _token_shape(q: Tensor, scale: Tensor) -> tuple[int, ...]:
@@ -200,7 +285,6 @@ def _segment_backward(
     probs = (_bmm(q_hat, k_hat.transpose(-1, -2)) * e).masked_fill_(~visible, 0.0)
     out += _bmm(probs, vc)
     dots = (gc * out).sum(-1)  # c_i = g_i . o_i
-    del out
     d_probs = _bmm(gc, vc.transpose(-1, -2)).sub_(dots.unsqueeze(-1))  # g_i . v_j - c_i
     dqs = q_hat.mul_(_bmm((d_probs * e).masked_fill_(~visible, 0.0), k_hat))
     del e, k_hat
@@ -249,13 +333,21 @@ def _segment_backward(
     def unchunk(t: Tensor) -> Tensor:
         return t.reshape(b, h, n_chunks * c, t.shape[-1])[:, :, :n]
 
-    return unchunk(dqs), unchunk(dks), unchunk(dv), big_g, big_c, amax
+    return unchunk(dqs), unchunk(dks), unchunk(dv), big_g, big_c, amax, unchunk(out)
 
 
 def causal_lln(
     q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, mask: Tensor | None,
     kv: Tensor, k_sum: Tensor, k_max: Tensor, chunk_size: int, eps: float,
+    diag: tuple[Tensor, Tensor, Tensor | None, Tensor | None, DiagPart] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Causal LLN through :class:`CausalLLN`: ``(out, kv, k_sum, k_max, lost)`` (see
-    :func:`lln.ops.lln._causal`)."""
-    return CausalLLN.apply(q, k, v, alpha, beta, kv, k_sum, k_max, mask, chunk_size, eps)
+    :func:`lln.ops.lln._causal`). With ``diag = (lln_weight, diag_weight, block_k,
+    block_v, DiagPart)`` the output is LLN+Diag's ``lln_weight * LLN + diag_weight *
+    BlockDiag`` (weights ``(B|1, H|1, 1, Dv)``), computed and differentiated in the same
+    Function."""
+    lln_w, diag_w, block_k, block_v, part = (None,) * 5 if diag is None else diag
+    return CausalLLN.apply(
+        q, k, v, alpha, beta, kv, k_sum, k_max, lln_w, diag_w, block_k, block_v, mask,
+        chunk_size, eps, part,
+    )
