@@ -336,3 +336,47 @@ def test_nan_in_v_stays_inside_its_chunk(op):
     v2[:, :, 200, 0] = float("nan")
     out = OPS[op](q, k, v2, is_causal=True, chunk_size=64)
     assert torch.equal(out[:, :, :192], clean[:, :, :192])
+
+
+# --- the non-causal Function -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n_q", "n_k", "masked", "scales"),
+    [(50, 50, False, "moment_matched"), (70, 2100, True, "tensors"),
+     (2100, 40, True, "moment_matched"), (1, 1, False, "tensors"), (203, 203, True, "tensors")],
+)
+def test_noncausal_gradients_equal_the_reference_float64(n_q, n_k, masked, scales):
+    """Self- and cross-attention shapes spanning several segments of 1024 tokens."""
+    results = []
+    for reference in (True, False):
+        q, _, _ = make_qkv(2, 2, n_q, 8, 5, sigma=1.5, seed=1)
+        _, k, v = make_qkv(2, 2, n_k, 8, 5, sigma=1.5, seed=2)
+        leaves = _leaves("lln", q, k, v, scales, weights=False)
+        options = {name: t for name, t in leaves.items() if name not in "qkv"}
+        if masked:
+            options["key_padding_mask"] = padding_mask(2, n_k)
+        with reference_kernel() if reference else contextlib.nullcontext():
+            out = lln.lln_attention(leaves["q"], leaves["k"], leaves["v"], **options)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5),
+                               dtype=out.dtype)
+        results.append((out, torch.autograd.grad(out, list(leaves.values()), grad_out)))
+    (out_ref, ref), (out, got) = results
+    assert rel_err(out, out_ref) <= 1e-12
+    for a, b in zip(got, ref, strict=True):
+        assert (a - b).abs().max() <= 1e-10 * max(1.0, b.abs().max())
+
+
+def test_noncausal_gradcheck_float64():
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(1, 2, 9, 3, 2, seed=4))
+    alpha = torch.tensor(1.1, dtype=torch.float64, requires_grad=True)
+    beta = torch.full((1, 2, 1, 1), 0.8, dtype=torch.float64, requires_grad=True)
+    mask = padding_mask(1, 9)
+    assert gradcheck(
+        lambda *a: lln.lln_attention(*a[:3], alpha=a[3], beta=a[4], key_padding_mask=mask),
+        (q, k, v, alpha, beta),
+    )
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (g,) = torch.autograd.grad(lln.lln_attention(q, k, v).square().sum(), q,
+                                   create_graph=True)
+        g.sum().backward()

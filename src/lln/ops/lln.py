@@ -519,6 +519,10 @@ def lln_forward(
         stats=stats, temperature=temperature, state=state, constants=constants,
     )
     if not is_causal:
+        if not _reference.active:
+            from .lln_function import noncausal_lln
+
+            return noncausal_lln(q, k, v, alpha_t, beta_t, mask, eps), None, 0
         q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
         return _noncausal(q, k, v, alpha_t, beta_t, mask, eps), None, 0
     if state is None:

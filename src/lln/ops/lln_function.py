@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .block_diag import SEGMENT_TOKENS, block_diag_forward
+from ._validation import compute_dtype
 from .lln import (
     NEG_INF,
     SEGMENT_CHUNKS,
@@ -54,6 +55,7 @@ from .lln import (
     _chunk_layout,
     _chunk_offsets,
     _finite_or_zero,
+    _safe_divide,
     _scaled_segment,
     _visible,
 )
@@ -351,3 +353,126 @@ def causal_lln(
         q, k, v, alpha, beta, kv, k_sum, k_max, lln_w, diag_w, block_k, block_v, mask,
         chunk_size, eps, part,
     )
+
+
+#: Tokens per segment of the non-causal Function (queries and keys are processed in
+#: segments so that every temporary stays small).
+NONCAUSAL_SEGMENT = 1024
+
+
+def _segments(n: int) -> list[slice]:
+    return [slice(start, start + NONCAUSAL_SEGMENT) for start in range(0, n, NONCAUSAL_SEGMENT)]
+
+
+def _scaled_keys(k: Tensor, beta: Tensor, mask: Tensor | None, part: slice, cdt) -> Tensor:
+    """``beta * k`` of the keys ``part`` in the compute dtype, -inf on padded keys."""
+    ks = k[:, :, part].to(cdt) * _rows(beta, part)
+    if mask is not None:
+        ks = ks.masked_fill(~mask[:, None, part, None], NEG_INF)
+    return ks
+
+
+class NonCausalLLN(torch.autograd.Function):
+    """Non-causal LLN ``(B, H, L, Dv)`` of ``q (B, H, L, D)``, ``k (B, H, S, D)``, ``v``
+    with a hand-derived backward; keeps q, k, v, alpha, beta, the mask, ``log den (B, H,
+    L)``, the per-dim key offset and the ``(D, Dv)`` / ``(D,)`` sums. Works on segments of
+    ``NONCAUSAL_SEGMENT`` tokens (forward and backward), so no temporary is full size.
+
+    Backward (``a_id = qs_id - L_i``, ``amax_d = max_i a_id``, ``c_i = g_i . o_i``)::
+
+        dqs_id = exp(qs_id + c_d - L_i) ((KV g_i)_d - c_i ksum_d)      (KV, ksum relative to c)
+        G = sum_i exp(a_i - amax) g_i^T,  Cs = sum_i exp(a_i - amax) c_i
+        dks_jd = exp(ks_jd + amax_d) ((G v_j)_d - Cs_d),  dv_j = sum_d exp(ks_jd + amax_d) G_d
+
+    with every exponential <= 1 (``ks_jd + a_id <= 0`` for every pair).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, beta, mask, eps):
+        cdt = compute_dtype(q.dtype)
+        b, h, n_q, d = q.shape
+        n_k, dv = k.shape[2], v.shape[-1]
+        key_parts = _segments(n_k)
+        offset = torch.full((b, h, d), NEG_INF, dtype=cdt, device=q.device)
+        for part in key_parts:
+            offset = torch.maximum(offset, _scaled_keys(k, beta, mask, part, cdt).amax(-2))
+        offset = _finite_or_zero(offset)
+        kv = torch.zeros(b, h, d, dv, dtype=cdt, device=q.device)
+        k_sum = torch.zeros(b, h, d, dtype=cdt, device=q.device)
+        for part in key_parts:
+            k_feat = (_scaled_keys(k, beta, mask, part, cdt) - offset.unsqueeze(-2)).exp_()
+            kv += k_feat.transpose(-1, -2) @ v[:, :, part].to(cdt)
+            k_sum += k_feat.sum(-2)
+        out = torch.empty(b, h, n_q, dv, dtype=cdt, device=q.device)
+        log_den = torch.empty(b, h, n_q, dtype=cdt, device=q.device)
+        for part in _segments(n_q):
+            q_plus = q[:, :, part].to(cdt) * _rows(alpha, part) + offset.unsqueeze(-2)
+            mu = q_plus.amax(-1)
+            q_feat = (q_plus - mu.unsqueeze(-1)).exp_()
+            den = (q_feat @ k_sum.unsqueeze(-1)).squeeze(-1)
+            out[:, :, part], log_den[:, :, part] = _safe_divide(q_feat @ kv, den, eps, mu)
+        ctx.save_for_backward(q, k, v, alpha, beta, mask, log_den, offset, kv, k_sum)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out):
+        q, k, v, alpha, beta, mask, log_den, offset, kv, k_sum = ctx.saved_tensors
+        need_q, need_k, need_v, need_a, need_b = ctx.needs_input_grad[:5]
+        cdt = kv.dtype
+        b, h, _, d = q.shape
+        dq = torch.empty_like(q) if need_q else None
+        dk = torch.empty_like(k) if need_k else None
+        dv = torch.empty_like(v) if need_v else None
+        da = torch.empty(_token_shape(q, alpha), dtype=cdt, device=q.device) if need_a else None
+        db = torch.empty(_token_shape(k, beta), dtype=cdt, device=q.device) if need_b else None
+        big_g = torch.zeros_like(kv)
+        big_c = torch.zeros_like(k_sum)
+        amax = torch.full_like(k_sum, NEG_INF)
+        for part in _segments(q.shape[2]):  # queries: dq, and the sums G, Cs for the keys
+            q_seg = q[:, :, part].to(cdt)
+            qs = q_seg * _rows(alpha, part)
+            g = g_out[:, :, part]
+            rows = log_den[:, :, part].unsqueeze(-1)
+            q_prob = (qs + offset.unsqueeze(-2) - rows).exp_()  # <= 1; 0 on rows set to 0
+            dots = (g * (q_prob @ kv)).sum(-1, keepdim=True)  # c_i = g_i . o_i
+            dqs = q_prob.mul_(g @ kv.transpose(-1, -2) - dots * k_sum.unsqueeze(-2))
+            if need_q:
+                dq[:, :, part] = dqs * _rows(alpha, part)
+            if need_a:
+                da[:, :, part] = (dqs * q_seg).sum(-1, keepdim=True).sum_to_size(
+                    da[:, :, part].shape)
+            a = qs - rows  # -inf on rows set to 0
+            top = torch.maximum(amax, a.amax(-2))
+            a_prob = (a - _finite_or_zero(top).unsqueeze(-2)).exp_()
+            rescale = torch.exp(amax - top).nan_to_num(0.0)
+            big_g = torch.baddbmm(
+                (big_g * rescale.unsqueeze(-1)).flatten(0, 1),
+                a_prob.transpose(-1, -2).flatten(0, 1), g.flatten(0, 1),
+            ).view_as(big_g)
+            big_c = big_c * rescale + (a_prob * dots).sum(-2)
+            amax = top
+        for part in _segments(k.shape[2]):  # keys: dk, dv
+            k_seg = k[:, :, part].to(cdt)
+            ks = _scaled_keys(k, beta, mask, part, cdt)
+            k_prob = (ks + amax.unsqueeze(-2)).exp_()  # <= 1; 0 on padded keys
+            if need_v:
+                dv[:, :, part] = k_prob @ big_g
+            dks = k_prob.mul_(v[:, :, part].to(cdt) @ big_g.transpose(-1, -2)
+                              - big_c.unsqueeze(-2))
+            if need_k:
+                dk[:, :, part] = dks * _rows(beta, part)
+            if need_b:
+                db[:, :, part] = (dks * k_seg).sum(-1, keepdim=True).sum_to_size(
+                    db[:, :, part].shape)
+        da = None if da is None else da.sum_to_size(alpha.shape)
+        db = None if db is None else db.sum_to_size(beta.shape)
+        return dq, dk, dv, da, db, None, None
+
+
+def noncausal_lln(
+    q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, mask: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Non-causal LLN through :class:`NonCausalLLN` (output in the compute dtype)."""
+    return NonCausalLLN.apply(q, k, v, alpha, beta, mask, eps)
