@@ -45,8 +45,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .block_diag import SEGMENT_TOKENS, block_diag_forward
 from ._validation import compute_dtype
+from .block_diag import SEGMENT_TOKENS, block_diag_forward
 from .lln import (
     NEG_INF,
     SEGMENT_CHUNKS,
