@@ -342,22 +342,27 @@ def test_nan_in_v_stays_inside_its_chunk(op):
 
 
 @pytest.mark.parametrize(
-    ("n_q", "n_k", "masked", "scales"),
-    [(50, 50, False, "moment_matched"), (70, 2100, True, "tensors"),
-     (2100, 40, True, "moment_matched"), (1, 1, False, "tensors"), (203, 203, True, "tensors")],
+    ("op", "n_q", "n_k", "masked", "scales"),
+    [("lln", 50, 50, False, "moment_matched"), ("lln", 70, 2100, True, "tensors"),
+     ("lln", 2100, 40, True, "moment_matched"), ("lln", 1, 1, False, "tensors"),
+     ("lln_diag", 203, 203, True, "tensors"), ("lln_diag", 2100, 2100, False, "tensors"),
+     ("lln_diag", 1, 1, False, "moment_matched")],
 )
-def test_noncausal_gradients_equal_the_reference_float64(n_q, n_k, masked, scales):
-    """Self- and cross-attention shapes spanning several segments of 1024 tokens."""
+def test_noncausal_gradients_equal_the_reference_float64(op, n_q, n_k, masked, scales):
+    """Self- and cross-attention shapes spanning several segments of 1024 tokens; LLN+Diag
+    with its mixing weights."""
     results = []
     for reference in (True, False):
         q, _, _ = make_qkv(2, 2, n_q, 8, 5, sigma=1.5, seed=1)
         _, k, v = make_qkv(2, 2, n_k, 8, 5, sigma=1.5, seed=2)
-        leaves = _leaves("lln", q, k, v, scales, weights=False)
+        leaves = _leaves(op, q, k, v, scales, weights=True)
         options = {name: t for name, t in leaves.items() if name not in "qkv"}
+        if op == "lln_diag":
+            options["block_size"] = 6
         if masked:
             options["key_padding_mask"] = padding_mask(2, n_k)
         with reference_kernel() if reference else contextlib.nullcontext():
-            out = lln.lln_attention(leaves["q"], leaves["k"], leaves["v"], **options)
+            out = OPS[op](leaves["q"], leaves["k"], leaves["v"], **options)
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5),
                                dtype=out.dtype)
         results.append((out, torch.autograd.grad(out, list(leaves.values()), grad_out)))

@@ -522,7 +522,7 @@ def lln_forward(
         if not _reference.active:
             from .lln_function import noncausal_lln
 
-            return noncausal_lln(q, k, v, alpha_t, beta_t, mask, eps), None, 0
+            return noncausal_lln(q, k, v, alpha_t, beta_t, mask, eps, diag), None, 0
         q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
         return _noncausal(q, k, v, alpha_t, beta_t, mask, eps), None, 0
     if state is None:

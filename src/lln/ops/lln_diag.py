@@ -83,6 +83,17 @@ def lln_diag_attention(
         constants=constants, eps=eps, chunk_size=chunk_size, block_size=block_size,
         scale=scale, lln_weight=lln_w, diag_weight=diag_w,
     )
+    if not is_causal and not _reference.active:
+        # one NonCausalLLN call: both parts, the mixing and the hand-derived backward
+        from .lln_function import DiagPart
+
+        out, _, _ = lln_forward(
+            q, k, v, is_causal=False, mask=mask, alpha=alpha, beta=beta, stats=stats,
+            temperature=temperature, eps=eps, chunk_size=chunk_size, state=None,
+            constants=constants,
+            diag=(lln_w, diag_w, DiagPart(block_size=block_size, scale=scale, is_causal=False)),
+        )
+        return out.to(v.dtype)
     if not is_causal:
         return _lln_diag_piece(q, k, v, mask, None, **parts)[0].to(v.dtype)  # (lost = 0)
     if not _reference.active:

@@ -103,11 +103,7 @@ class CausalLLN(torch.autograd.Function):
             log_den[:, :, part] = log_den_seg
             lost += lost_seg
         if diag is not None:
-            for part, first in _diag_parts(n, diag):
-                out[:, :, part].addcmul_(diag_w, _diag_part(
-                    q[:, :, part], k[:, :, part], v[:, :, part], _rows(mask, part, 1),
-                    block_k, block_v, first, diag,
-                ))
+            _add_diag(out, q, k, v, mask, diag_w, block_k, block_v, diag)
         ctx.save_for_backward(
             q, k, v, alpha, beta, mask, log_den, torch.stack(kv_starts),
             torch.stack(ks_starts), torch.stack(kmax_starts), k_max, lln_w, diag_w, block_k,
@@ -175,41 +171,26 @@ class CausalLLN(torch.autograd.Function):
         db = None if db is None else db.sum_to_size(beta.shape)
         d_dw = d_bk = d_bv = None
         if diag is not None:
-            d_dw = torch.zeros_like(diag_w) if need_dw else None
-            d_bk = torch.zeros_like(block_k) if need_bk else None
-            d_bv = torch.zeros_like(block_v) if need_bv else None
-            for part, first in _diag_parts(n, diag):
-                inputs = [q[:, :, part], k[:, :, part], v[:, :, part]]
-                if first and diag.carried:
-                    inputs += [block_k, block_v]
-                leaves = [t.detach().requires_grad_() for t in inputs]
-                with torch.enable_grad():
-                    out_part = _diag_part(
-                        *leaves[:3], _rows(mask, part, 1), *(leaves[3:] or (None, None)),
-                        first, diag,
-                    )
-                g_part = g_out[:, :, part]
-                grads = torch.autograd.grad(out_part, leaves, g_part * diag_w, allow_unused=True)
-                buffers = [_rows(t, part) for t in (dq, dk, dv)] + [d_bk, d_bv]
-                for buffer, grad in zip(buffers, grads, strict=False):
-                    if buffer is not None and grad is not None:
-                        buffer += grad
-                if need_dw:
-                    d_dw += (g_part * out_part.detach()).sum_to_size(d_dw.shape)
+            d_dw, d_bk, d_bv = _diag_backward(
+                g_out, q, k, v, mask, diag_w, block_k, block_v, diag, dq, dk, dv,
+                need_dw, need_bk, need_bv,
+            )
         return (dq, dk, dv, da, db, d_kv, d_ks, None, d_lw, d_dw, d_bk, d_bv, None, None, None,
                 None)
 
 
 @dataclass(frozen=True)
 class DiagPart:
-    """The block-diagonal softmax part of LLN+Diag for :class:`CausalLLN`: blocks of
-    ``block_size`` tokens aligned to the start of the sequence, of which ``carried`` tokens
-    (``block_k``, ``block_v``, ``block_mask`` of the state) came before this call."""
+    """The block-diagonal softmax part of LLN+Diag for :class:`CausalLLN` /
+    :class:`NonCausalLLN`: blocks of ``block_size`` tokens aligned to the start of the
+    sequence, of which ``carried`` tokens (``block_k``, ``block_v``, ``block_mask`` of the
+    state) came before this call (causal only)."""
 
     block_size: int
     scale: float
-    carried: int
-    block_mask: Tensor | None
+    carried: int = 0
+    block_mask: Tensor | None = None
+    is_causal: bool = True
 
 
 def _diag_parts(n: int, diag: DiagPart) -> list[tuple[slice, bool]]:
@@ -225,8 +206,8 @@ def _diag_part(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, block_k: Tensor | None,
     block_v: Tensor | None, first: bool, diag: DiagPart,
 ) -> Tensor:
-    """Block-diagonal causal softmax of one part of the input (compute dtype); the first
-    part is preceded by the carried tokens of the state (their rows are dropped)."""
+    """Block-diagonal softmax of one part of the input (compute dtype); the first part is
+    preceded by the carried tokens of the state (their rows are dropped)."""
     carried = diag.carried if first else 0
     if carried:
         b, h, _, d = q.shape
@@ -236,9 +217,52 @@ def _diag_part(
         k = torch.cat([block_k.to(k.dtype), k], 2)
         v = torch.cat([block_v.to(v.dtype), v], 2)
     out = block_diag_forward(
-        q, k, v, mask, block_size=diag.block_size, is_causal=True, scale=diag.scale
+        q, k, v, mask, block_size=diag.block_size, is_causal=diag.is_causal, scale=diag.scale
     )
     return out[:, :, carried:]
+
+
+def _add_diag(
+    out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, diag_w: Tensor,
+    block_k: Tensor | None, block_v: Tensor | None, diag: DiagPart,
+) -> None:
+    """``out += diag_w * BlockDiag(q, k, v)``, part by part (no full-size temporary)."""
+    for part, first in _diag_parts(q.shape[2], diag):
+        out[:, :, part].addcmul_(diag_w, _diag_part(
+            q[:, :, part], k[:, :, part], v[:, :, part], _rows(mask, part, 1),
+            block_k, block_v, first, diag,
+        ))
+
+
+def _diag_backward(
+    g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, diag_w: Tensor,
+    block_k: Tensor | None, block_v: Tensor | None, diag: DiagPart, dq: Tensor | None,
+    dk: Tensor | None, dv: Tensor | None, need_dw: bool, need_bk: bool, need_bv: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of the diagonal part: each part recomputed under autograd (fused SDPA or
+    the masked block softmax) and differentiated on its own; adds into ``dq, dk, dv`` and
+    returns the gradients of ``diag_w``, ``block_k``, ``block_v``."""
+    d_dw = torch.zeros_like(diag_w) if need_dw else None
+    d_bk = torch.zeros_like(block_k) if need_bk else None
+    d_bv = torch.zeros_like(block_v) if need_bv else None
+    for part, first in _diag_parts(q.shape[2], diag):
+        inputs = [q[:, :, part], k[:, :, part], v[:, :, part]]
+        if first and diag.carried:
+            inputs += [block_k, block_v]
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        with torch.enable_grad():
+            out_part = _diag_part(
+                *leaves[:3], _rows(mask, part, 1), *(leaves[3:] or (None, None)), first, diag,
+            )
+        g_part = g_out[:, :, part]
+        grads = torch.autograd.grad(out_part, leaves, g_part * diag_w, allow_unused=True)
+        buffers = [_rows(t, part) for t in (dq, dk, dv)] + [d_bk, d_bv]
+        for buffer, grad in zip(buffers, grads, strict=False):
+            if buffer is not None and grad is not None:
+                buffer += grad
+        if need_dw:
+            d_dw += (g_part * out_part.detach()).sum_to_size(d_dw.shape)
+    return d_dw, d_bk, d_bv
 
 
 def _token_shape(q: Tensor, scale: Tensor) -> tuple[int, ...]:
@@ -388,7 +412,7 @@ class NonCausalLLN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, beta, mask, eps):
+    def forward(ctx, q, k, v, alpha, beta, lln_w, diag_w, mask, eps, diag):
         cdt = compute_dtype(q.dtype)
         b, h, n_q, d = q.shape
         n_k, dv = k.shape[2], v.shape[-1]
@@ -411,14 +435,22 @@ class NonCausalLLN(torch.autograd.Function):
             q_feat = (q_plus - mu.unsqueeze(-1)).exp_()
             den = (q_feat @ k_sum.unsqueeze(-1)).squeeze(-1)
             out[:, :, part], log_den[:, :, part] = _safe_divide(q_feat @ kv, den, eps, mu)
-        ctx.save_for_backward(q, k, v, alpha, beta, mask, log_den, offset, kv, k_sum)
+        if diag is not None:
+            out *= lln_w
+            _add_diag(out, q, k, v, mask, diag_w, None, None, diag)
+        ctx.save_for_backward(q, k, v, alpha, beta, mask, log_den, offset, kv, k_sum, lln_w,
+                              diag_w)
+        ctx.diag = diag
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out):
-        q, k, v, alpha, beta, mask, log_den, offset, kv, k_sum = ctx.saved_tensors
-        need_q, need_k, need_v, need_a, need_b = ctx.needs_input_grad[:5]
+        q, k, v, alpha, beta, mask, log_den, offset, kv, k_sum, lln_w, diag_w = (
+            ctx.saved_tensors)
+        need_q, need_k, need_v, need_a, need_b, need_lw, need_dw = ctx.needs_input_grad[:7]
+        diag = ctx.diag
+        d_lw = torch.zeros_like(lln_w) if need_lw else None
         cdt = kv.dtype
         b, h, _, d = q.shape
         dq = torch.empty_like(q) if need_q else None
@@ -432,10 +464,13 @@ class NonCausalLLN(torch.autograd.Function):
         for part in _segments(q.shape[2]):  # queries: dq, and the sums G, Cs for the keys
             q_seg = q[:, :, part].to(cdt)
             qs = q_seg * _rows(alpha, part)
-            g = g_out[:, :, part]
+            g = g_out[:, :, part] if diag is None else g_out[:, :, part] * lln_w
             rows = log_den[:, :, part].unsqueeze(-1)
             q_prob = (qs + offset.unsqueeze(-2) - rows).exp_()  # <= 1; 0 on rows set to 0
-            dots = (g * (q_prob @ kv)).sum(-1, keepdim=True)  # c_i = g_i . o_i
+            out = q_prob @ kv
+            if need_lw:
+                d_lw += (g_out[:, :, part] * out).sum_to_size(d_lw.shape)
+            dots = (g * out).sum(-1, keepdim=True)  # c_i = g_i . o_i
             dqs = q_prob.mul_(g @ kv.transpose(-1, -2) - dots * k_sum.unsqueeze(-2))
             if need_q:
                 dq[:, :, part] = dqs * _rows(alpha, part)
@@ -467,12 +502,19 @@ class NonCausalLLN(torch.autograd.Function):
                     db[:, :, part].shape)
         da = None if da is None else da.sum_to_size(alpha.shape)
         db = None if db is None else db.sum_to_size(beta.shape)
-        return dq, dk, dv, da, db, None, None
+        d_dw = None
+        if diag is not None:
+            d_dw = _diag_backward(g_out, q, k, v, mask, diag_w, None, None, diag, dq, dk, dv,
+                                  need_dw, False, False)[0]
+        return dq, dk, dv, da, db, d_lw, d_dw, None, None, None
 
 
 def noncausal_lln(
     q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, mask: Tensor | None,
-    eps: float,
+    eps: float, diag: tuple[Tensor, Tensor, DiagPart] | None = None,
 ) -> Tensor:
-    """Non-causal LLN through :class:`NonCausalLLN` (output in the compute dtype)."""
-    return NonCausalLLN.apply(q, k, v, alpha, beta, mask, eps)
+    """Non-causal LLN through :class:`NonCausalLLN` (output in the compute dtype); with
+    ``diag = (lln_weight, diag_weight, DiagPart)`` LLN+Diag's mixture (``q``, ``k`` of
+    the same length)."""
+    lln_w, diag_w, part = (None,) * 3 if diag is None else diag
+    return NonCausalLLN.apply(q, k, v, alpha, beta, lln_w, diag_w, mask, eps, part)
