@@ -381,7 +381,7 @@ def causal_lln(
 
 #: Tokens per segment of the non-causal Function (queries and keys are processed in
 #: segments so that every temporary stays small).
-NONCAUSAL_SEGMENT = 1024
+NONCAUSAL_SEGMENT = 512
 
 
 def _segments(n: int) -> list[slice]:
