@@ -104,10 +104,12 @@ class CausalLLN(torch.autograd.Function):
             lost += lost_seg
         if diag is not None:
             _add_diag(out, q, k, v, mask, diag_w, block_k, block_v, diag)
+        # Plain LLN keeps its output (the caller's tensor: no copy; it saves two of the ten
+        # matmuls of the backward); LLN+Diag's LLN part is recomputed instead.
         ctx.save_for_backward(
             q, k, v, alpha, beta, mask, log_den, torch.stack(kv_starts),
             torch.stack(ks_starts), torch.stack(kmax_starts), k_max, lln_w, diag_w, block_k,
-            block_v,
+            block_v, out if diag is None else None,
         )
         ctx.chunk_size = chunk_size
         ctx.diag = diag
@@ -118,7 +120,7 @@ class CausalLLN(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_out, g_kv, g_ks, _g_kmax, _g_lost):
         (q, k, v, alpha, beta, mask, log_den, kv_starts, ks_starts, kmax_starts,
-         k_max_end, lln_w, diag_w, block_k, block_v) = ctx.saved_tensors
+         k_max_end, lln_w, diag_w, block_k, block_v, out) = ctx.saved_tensors
         need_q, need_k, need_v, need_a, need_b, need_kv, need_ks = ctx.needs_input_grad[:7]
         need_lw, need_dw, need_bk, need_bv = ctx.needs_input_grad[8:12]
         diag = ctx.diag
@@ -146,13 +148,14 @@ class CausalLLN(torch.autograd.Function):
                 q_seg * a_seg, k_seg * b_seg, v[:, :, part].to(cdt), g_seg,
                 log_den[:, :, part], _rows(mask, part, 1), kv_starts[index],
                 ks_starts[index], kmax_starts[index], big_g, big_c, amax, ctx.chunk_size,
+                None if out is None else out[:, :, part],
             )
             if need_lw:
                 d_lw += (g_out[:, :, part] * out_seg).sum_to_size(d_lw.shape)
             if need_q:
-                dq[:, :, part] = dqs * a_seg
+                torch.mul(dqs, a_seg, out=dq[:, :, part])
             if need_k:
-                dk[:, :, part] = dks * b_seg
+                torch.mul(dks, b_seg, out=dk[:, :, part])
             if need_v:
                 dv[:, :, part] = dv_seg
             if need_a:
@@ -274,11 +277,12 @@ def _token_shape(q: Tensor, scale: Tensor) -> tuple[int, ...]:
 def _segment_backward(
     qs: Tensor, ks: Tensor, v: Tensor, g: Tensor, log_den: Tensor, mask: Tensor | None,
     kv: Tensor, k_sum: Tensor, k_max: Tensor, big_g: Tensor, big_c: Tensor, amax: Tensor,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    chunk_size: int, out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of one segment wrt ``qs, ks, v`` given the state ``(kv, k_sum, k_max)``
     entering it, and the reverse-scan state ``(G, Cs, amax)`` of everything after it;
-    returns the three gradients and the reverse-scan state before the segment."""
+    returns the three gradients, the reverse-scan state before the segment and the output
+    of the segment (``out`` when given, else recomputed)."""
     b, h, n, d = qs.shape
     dv_dim = v.shape[-1]
     qc, kc, vc, key_real, pad = _chunk_layout(qs, ks, v, mask, chunk_size)
@@ -286,12 +290,14 @@ def _segment_backward(
     if pad:
         g = torch.nn.functional.pad(g, (0, 0, 0, pad))
         log_den = torch.nn.functional.pad(log_den, (0, pad), value=float("inf"))
-    gc = g.view(b, h, n_chunks, c, dv_dim)
+        out = None if out is None else torch.nn.functional.pad(out, (0, 0, 0, pad))
+    recompute = out is None
+    gc = g.contiguous().view(b, h, n_chunks, c, dv_dim)  # (one copy, not one per matmul)
     lc = log_den.view(b, h, n_chunks, c)
     k_masked, row_max, run_max, chunk_max, max_before, max_after = _chunk_offsets(
         kc, key_real, k_max
     )
-    visible = _visible(row_max, key_real)
+    hidden = ~_visible(row_max, key_real)
     k_loc = (k_masked - _finite_or_zero(chunk_max).unsqueeze(-2)).exp_()
     kv_before, ks_before, _, _ = _carry_states(
         k_loc, vc, chunk_max, max_before, max_after, kv, k_sum
@@ -299,32 +305,38 @@ def _segment_backward(
     del k_loc
     # inter-chunk probabilities exp(qs_id + max_before_d - L_i) <= 1 (0 on rows set to 0)
     q_inter = (qc + (max_before.unsqueeze(-2) - lc.unsqueeze(-1))).exp_()
-    out = _bmm(q_inter, kv_before)
+    out = _bmm(q_inter, kv_before) if recompute else out.reshape(gc.shape)
     # intra-chunk: the normaliser split between the factors (see the module docstring).
     # Rows (for dqs): x_i = (max_d qs_id - m_i + L_i) / 2, +inf on rows set to 0.
     q_max = qc.amax(-1)
     half = (q_max - run_max + lc) * 0.5
-    q_hat = (qc - half.unsqueeze(-1)).exp_()
-    k_hat = (k_masked - _finite_or_zero(row_max).unsqueeze(-1)).exp_()
+    q_plain = (qc - q_max.unsqueeze(-1)).exp_()  # exp(qs_id - max_d qs_id) <= 1
+    # exp(qs_id - x_i) = q_plain * exp(max_d qs_id - x_i) (<= exp(Delta / 2)); 0 where x = inf
+    q_hat = q_plain * torch.exp(q_max - half).nan_to_num_(posinf=0.0).unsqueeze(-1)
+    row_off = _finite_or_zero(row_max)
+    k_hat = (k_masked - row_off.unsqueeze(-1)).exp_()
     rest = (half - lc).nan_to_num(nan=NEG_INF, posinf=NEG_INF)
-    e = (row_max.unsqueeze(-2) + rest.unsqueeze(-1)).masked_fill_(~visible, NEG_INF).exp_()
-    probs = (_bmm(q_hat, k_hat.transpose(-1, -2)) * e).masked_fill_(~visible, 0.0)
-    out += _bmm(probs, vc)
+    # e is exactly 0 on hidden pairs, and every factor it meets is finite for finite
+    # inputs, so the products need no second mask (the forward has one, for NaN locality)
+    e = (row_max.unsqueeze(-2) + rest.unsqueeze(-1)).masked_fill_(hidden, NEG_INF).exp_()
+    probs = _bmm(q_hat, k_hat.transpose(-1, -2)).mul_(e)
+    if recompute:
+        out += _bmm(probs, vc)
     dots = (gc * out).sum(-1)  # c_i = g_i . o_i
     d_probs = _bmm(gc, vc.transpose(-1, -2)).sub_(dots.unsqueeze(-1))  # g_i . v_j - c_i
-    dqs = q_hat.mul_(_bmm((d_probs * e).masked_fill_(~visible, 0.0), k_hat))
-    del e, k_hat
+    dqs = q_hat.mul_(_bmm(d_probs * e, k_hat))
+    del e
     # Columns (for dks): y_j = (r_j - u_j) / 2 with u_j = max_{i >= j} (max_d qs_id - L_i),
     # so that exp(ks_jd - y_j) and exp(max_d qs_id - L_i + y_j) are both <= exp(Delta / 2).
     q_rel = q_max - lc  # -inf on rows set to 0
     u = q_rel.flip(-1).cummax(-1).values.flip(-1)
     col = _finite_or_zero(torch.where(torch.isfinite(u), (row_max - u) * 0.5, row_max))
     e = (q_rel.nan_to_num(nan=NEG_INF).unsqueeze(-1) + col.unsqueeze(-2))
-    e = e.masked_fill_(~visible, NEG_INF).exp_()
-    q_hat = (qc - q_max.unsqueeze(-1)).exp_()
-    dks = _bmm(d_probs.mul_(e).masked_fill_(~visible, 0.0).transpose(-1, -2), q_hat)
-    dks = dks.mul_((k_masked - col.unsqueeze(-1)).exp_())
-    del q_hat, e, d_probs
+    e = e.masked_fill_(hidden, NEG_INF).exp_()
+    dks = _bmm(d_probs.mul_(e).transpose(-1, -2), q_plain)
+    # exp(ks_jd - y_j) = k_hat * exp(r_j - y_j) (<= exp(Delta / 2))
+    dks = dks.mul_(k_hat.mul_(torch.exp(row_off - col).unsqueeze(-1)))
+    del q_plain, e, d_probs, k_hat
     dv = _bmm(probs.transpose(-1, -2), gc)
     del probs
     dqs += q_inter.mul_(
