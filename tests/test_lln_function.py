@@ -164,15 +164,14 @@ def test_gradcheck_float64():
         state = lln.LLNState(kv=kv0, k_sum=ks0, k_max=s0.k_max, position=n)
         a, final = lln.lln_attention(q, k, v, key_padding_mask=mask, initial_state=state,
                                      output_final_state=True, **common)
-        b, state = lln.lln_diag_attention(
-            q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], key_padding_mask=mask[:, :cut],
-            output_final_state=True, **diag,
-        )
-        c = lln.lln_diag_attention(
-            q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], key_padding_mask=mask[:, cut:],
-            initial_state=state, **diag,
-        )
-        return torch.cat([a, b, c], 2), final.kv, final.k_sum
+        outs, state = [a], None
+        for part in (slice(0, cut), slice(cut, None)):  # LLN+Diag chained through its state
+            out, state = lln.lln_diag_attention(
+                q[:, :, part], k[:, :, part], v[:, :, part], key_padding_mask=mask[:, part],
+                initial_state=state, output_final_state=True, **diag,
+            )
+            outs.append(out)
+        return torch.cat(outs, 2), final.kv, final.k_sum
 
     assert gradcheck(f, (q, k, v, alpha, beta, weight, kv0, ks0), fast_mode=True)
 

@@ -128,11 +128,7 @@ class CausalLLN(torch.autograd.Function):
         cdt = log_den.dtype
         n = q.shape[2]
         segment = ctx.chunk_size * SEGMENT_CHUNKS
-        dq = torch.empty_like(q) if need_q else None
-        dk = torch.empty_like(k) if need_k else None
-        dv = torch.empty_like(v) if need_v else None
-        da = torch.empty(_token_shape(q, alpha), dtype=cdt, device=q.device) if need_a else None
-        db = torch.empty(_token_shape(q, beta), dtype=cdt, device=q.device) if need_b else None
+        dq, dk, dv, da, db = _grad_buffers(q, k, v, alpha, beta, ctx.needs_input_grad, cdt)
         # reverse-scan state: gradient of the final state in the G / Cs / amax form
         finite = torch.isfinite(k_max_end)
         amax = torch.where(finite, -k_max_end, NEG_INF)
@@ -268,10 +264,18 @@ def _diag_backward(
     return d_dw, d_bk, d_bv
 
 
-def _token_shape(q: Tensor, scale: Tensor) -> tuple[int, ...]:
-    """Per-token gradient shape of a scale: ``(B|1, H|1, N, 1)`` (summed to the scale's
-    own shape at the end)."""
-    return (*scale.shape[:2], q.shape[2], 1)
+def _grad_buffers(
+    q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, needs: tuple, cdt
+) -> list[Tensor | None]:
+    """Uninitialised gradient tensors for q, k, v (their dtypes) and per-token ones
+    ``(B|1, H|1, N, 1)`` for alpha, beta (compute dtype; summed to their shapes at the
+    end), None where no gradient is needed (``needs``: ``ctx.needs_input_grad``)."""
+    bufs = [torch.empty_like(t) if need else None for t, need in zip((q, k, v), needs[:3],
+                                                                      strict=True)]
+    for x, scale, need in ((q, alpha, needs[3]), (k, beta, needs[4])):
+        shape = (*scale.shape[:2], x.shape[2], 1)
+        bufs.append(torch.empty(shape, dtype=cdt, device=q.device) if need else None)
+    return bufs
 
 
 def _segment_backward(
@@ -465,11 +469,7 @@ class NonCausalLLN(torch.autograd.Function):
         d_lw = torch.zeros_like(lln_w) if need_lw else None
         cdt = kv.dtype
         b, h, _, d = q.shape
-        dq = torch.empty_like(q) if need_q else None
-        dk = torch.empty_like(k) if need_k else None
-        dv = torch.empty_like(v) if need_v else None
-        da = torch.empty(_token_shape(q, alpha), dtype=cdt, device=q.device) if need_a else None
-        db = torch.empty(_token_shape(k, beta), dtype=cdt, device=q.device) if need_b else None
+        dq, dk, dv, da, db = _grad_buffers(q, k, v, alpha, beta, ctx.needs_input_grad, cdt)
         big_g = torch.zeros_like(kv)
         big_c = torch.zeros_like(k_sum)
         amax = torch.full_like(k_sum, NEG_INF)
