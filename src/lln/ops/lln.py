@@ -338,7 +338,7 @@ def _causal(
     for q_seg, k_seg, v_seg, a_seg, b_seg, mask_seg in zip(
         *(pieces(t, 2) for t in (q, k, v, alpha, beta)), pieces(mask, 1), strict=True
     ):
-        out, kv, k_sum, k_max, lost_seg, _ = run(
+        out, kv, k_sum, k_max, lost_seg, *_ = run(
             q_seg, k_seg, v_seg, a_seg, b_seg, mask_seg, kv, k_sum, k_max, chunk_size, eps
         )
         outs.append(out)
@@ -432,11 +432,12 @@ def _carry_states(
 def _causal_segment(
     qs: Tensor, ks: Tensor, v: Tensor, mask: Tensor | None,
     kv: Tensor, k_sum: Tensor, k_max: Tensor, chunk_size: int, eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     """Chunked causal LLN continuing from ``(kv, k_sum, k_max)``; returns the output, the
-    state updated, the number of rows whose every term underflowed (see ``_causal``) and
-    the log of each row's true denominator ``(B, H, n)`` (+inf where the row is set to 0;
-    no gradient: it is for the backward of :class:`lln.ops.lln_function.CausalLLN`)."""
+    state updated, the number of rows whose every term underflowed (see ``_causal``), the
+    log of each row's true denominator ``(B, H, n)`` (+inf where the row is set to 0) and
+    the state entering each chunk ``(B, H, nC, D, Dv)``, ``(B, H, nC, D, 1)`` (the last
+    three for the backward of :class:`lln.ops.lln_function.CausalLLN`)."""
     b, h, n, _ = qs.shape
     dv = v.shape[-1]
     qc, kc, vc, key_real, _ = _chunk_layout(qs, ks, v, mask, chunk_size)
@@ -486,7 +487,8 @@ def _causal_segment(
     lost = ((den.detach() == 0) & seen).sum()
     out, log_den = _safe_divide(num, den, eps, top)
     out = out.reshape(b, h, n_chunks * c, dv)[:, :, :n]
-    return out, kv, k_sum, max_after[:, :, -1], lost, log_den.reshape(b, h, -1)[:, :, :n]
+    log_den = log_den.reshape(b, h, -1)[:, :, :n]
+    return out, kv, k_sum, max_after[:, :, -1], lost, log_den, kv_before, ks_before
 
 
 def lln_forward(

@@ -51,7 +51,6 @@ from .lln import (
     NEG_INF,
     SEGMENT_CHUNKS,
     _bmm,
-    _carry_states,
     _chunk_layout,
     _chunk_offsets,
     _finite_or_zero,
@@ -88,28 +87,29 @@ class CausalLLN(torch.autograd.Function):
         segment = chunk_size * SEGMENT_CHUNKS
         out = torch.empty(b, h, n, v.shape[-1], dtype=cdt, device=q.device)
         log_den = torch.empty(b, h, n, dtype=cdt, device=q.device)
-        kv_starts, ks_starts, kmax_starts = [], [], []
+        kmax_starts, kv_chunks, ks_chunks = [], [], []
         lost = torch.zeros((), dtype=torch.int64, device=q.device)
         for start in range(0, n, segment):
             part = slice(start, start + segment)
-            kv_starts.append(kv)
-            ks_starts.append(k_sum)
             kmax_starts.append(k_max)
-            out_seg, kv, k_sum, k_max, lost_seg, log_den_seg = _scaled_segment(
+            out_seg, kv, k_sum, k_max, lost_seg, log_den_seg, kv_chunk, ks_chunk = _scaled_segment(
                 q[:, :, part], k[:, :, part], v[:, :, part], _rows(alpha, part),
                 _rows(beta, part), _rows(mask, part, 1), kv, k_sum, k_max, chunk_size, eps,
             )
             out[:, :, part] = out_seg if diag is None else out_seg * lln_w
             log_den[:, :, part] = log_den_seg
+            kv_chunks.append(kv_chunk)
+            ks_chunks.append(ks_chunk)
             lost += lost_seg
         if diag is not None:
             _add_diag(out, q, k, v, mask, diag_w, block_k, block_v, diag)
         # Plain LLN keeps its output (the caller's tensor: no copy; it saves two of the ten
         # matmuls of the backward); LLN+Diag's LLN part is recomputed instead.
+        # (and the state entering each chunk: N / C * D * (Dv + 1) floats per head, which
+        # spares the backward the recomputation of the carried state and its scan)
         ctx.save_for_backward(
-            q, k, v, alpha, beta, mask, log_den, torch.stack(kv_starts),
-            torch.stack(ks_starts), torch.stack(kmax_starts), k_max, lln_w, diag_w, block_k,
-            block_v, out if diag is None else None,
+            q, k, v, alpha, beta, mask, log_den, torch.stack(kmax_starts), k_max, lln_w,
+            diag_w, block_k, block_v, out if diag is None else None, *kv_chunks, *ks_chunks,
         )
         ctx.chunk_size = chunk_size
         ctx.diag = diag
@@ -119,8 +119,10 @@ class CausalLLN(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_kv, g_ks, _g_kmax, _g_lost):
-        (q, k, v, alpha, beta, mask, log_den, kv_starts, ks_starts, kmax_starts,
-         k_max_end, lln_w, diag_w, block_k, block_v, out) = ctx.saved_tensors
+        (q, k, v, alpha, beta, mask, log_den, kmax_starts, k_max_end, lln_w, diag_w, block_k,
+         block_v, out, *chunk_states) = ctx.saved_tensors
+        kv_chunks = chunk_states[: len(chunk_states) // 2]
+        ks_chunks = chunk_states[len(chunk_states) // 2 :]
         need_q, need_k, need_v, need_a, need_b, need_kv, need_ks = ctx.needs_input_grad[:7]
         need_lw, need_dw, need_bk, need_bv = ctx.needs_input_grad[8:12]
         diag = ctx.diag
@@ -142,8 +144,8 @@ class CausalLLN(torch.autograd.Function):
             g_seg = g_out[:, :, part] if diag is None else g_out[:, :, part] * lln_w
             dqs, dks, dv_seg, big_g, big_c, amax, out_seg = _segment_backward(
                 q_seg * a_seg, k_seg * b_seg, v[:, :, part].to(cdt), g_seg,
-                log_den[:, :, part], _rows(mask, part, 1), kv_starts[index],
-                ks_starts[index], kmax_starts[index], big_g, big_c, amax, ctx.chunk_size,
+                log_den[:, :, part], _rows(mask, part, 1), kv_chunks[index],
+                ks_chunks[index], kmax_starts[index], big_g, big_c, amax, ctx.chunk_size,
                 None if out is None else out[:, :, part],
             )
             if need_lw:
@@ -283,8 +285,9 @@ def _segment_backward(
     kv: Tensor, k_sum: Tensor, k_max: Tensor, big_g: Tensor, big_c: Tensor, amax: Tensor,
     chunk_size: int, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of one segment wrt ``qs, ks, v`` given the state ``(kv, k_sum, k_max)``
-    entering it, and the reverse-scan state ``(G, Cs, amax)`` of everything after it;
+    """Gradients of one segment wrt ``qs, ks, v`` given the state entering each of its
+    chunks ``kv (B, H, nC, D, Dv)``, ``k_sum (B, H, nC, D, 1)`` and the offset ``k_max``
+    entering the segment, and the reverse-scan state ``(G, Cs, amax)`` of everything after it;
     returns the three gradients, the reverse-scan state before the segment and the output
     of the segment (``out`` when given, else recomputed)."""
     b, h, n, d = qs.shape
@@ -302,11 +305,7 @@ def _segment_backward(
         kc, key_real, k_max
     )
     hidden = ~_visible(row_max, key_real)
-    k_loc = (k_masked - _finite_or_zero(chunk_max).unsqueeze(-2)).exp_()
-    kv_before, ks_before, _, _ = _carry_states(
-        k_loc, vc, chunk_max, max_before, max_after, kv, k_sum
-    )
-    del k_loc
+    kv_before, ks_before = kv, k_sum
     # inter-chunk probabilities exp(qs_id + max_before_d - L_i) <= 1 (0 on rows set to 0)
     q_inter = (qc + (max_before.unsqueeze(-2) - lc.unsqueeze(-1))).exp_()
     out = _bmm(q_inter, kv_before) if recompute else out.reshape(gc.shape)
