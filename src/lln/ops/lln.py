@@ -24,9 +24,11 @@ How it stays exact and stable:
 * **Precision.** Features and sums are float32 (float64 for float64 inputs); the output is
   cast back to the dtype of ``v``. Offsets carry no gradient (the output does not depend
   on them), so backward stores only O(N * (C + D) + (N / C) * D * Dv) per head.
-* **Checkpointing** (``checkpoint=True``, causal, while autograd records): each segment
-  runs under non-reentrant activation checkpointing, so backward keeps only the segment
-  inputs and the carried states and recomputes one segment at a time.
+* **Backward** is hand-derived (:mod:`lln.ops.lln_function`): forward keeps only the
+  inputs, one log-denominator per row and the state entering each chunk; backward
+  recomputes the chunk weights one segment at a time. The autograd-through-ops path
+  below stays as the tested reference (:func:`reference_kernel`), where
+  ``checkpoint=True`` runs each segment under activation checkpointing.
 """
 
 from __future__ import annotations
@@ -593,8 +595,8 @@ def lln_attention(
         checkpoint: accepted for compatibility; no longer needed and no effect. The
             causal kernel is an autograd Function with a hand-derived backward
             (:mod:`lln.ops.lln_function`) that keeps only q, k, v, alpha, beta, one
-            log-denominator per row and the state at each segment boundary, and recomputes
-            one segment of ``16 * chunk_size`` tokens at a time in backward — what
+            log-denominator per row and the state entering each chunk, and recomputes the
+            chunk weights one segment of ``16 * chunk_size`` tokens at a time in backward — what
             ``checkpoint=True`` used to buy, without its extra forward pass. (Inside
             :func:`lln.ops.lln.reference_kernel` it still checkpoints the reference
             path's segments.) Double backward is not supported and raises.

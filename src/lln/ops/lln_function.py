@@ -2,10 +2,11 @@
 
 Forward runs the chunked kernel of :mod:`lln.ops.lln` segment by segment without autograd
 and keeps for backward only the inputs (``q, k, v`` as given, ``alpha, beta``, the mask),
-the log of each row's true denominator ``(B, H, N)`` and the state entering each segment
-(``(N / segment) * D * Dv`` per head): no ``N x C x C`` or ``N x D x Dv`` tensor and no
-feature map. Backward recomputes one segment at a time (last first) and writes the
-gradients into preallocated full-size tensors.
+the log of each row's true denominator ``(B, H, N)``, the state entering each chunk
+(``(N / C) * D * (Dv + 1)`` per head) and, for plain LLN, its output (the returned tensor):
+no ``N x C x C`` or ``N x D x Dv`` tensor and no feature map. Backward recomputes the chunk
+weights one segment at a time (last first) and writes the gradients into preallocated
+full-size tensors.
 
 The math (``qs = alpha q``, ``ks = beta k``, ``L_i = log(den_i + eps)``, ``g_i = dL/do_i``,
 ``c_i = g_i . o_i`` and the dim-resolved probabilities ``P_ijd = exp(qs_id + ks_jd - L_i)``
@@ -31,8 +32,9 @@ over the visible pairs j <= i)::
   same bound. So nothing overflows even when the forward's normalised denominator is
   subnormal, and no ``1 / den`` is ever formed. Rows set to 0 (``L_i = +inf``) get exactly
   zero gradient.
-* The output ``o_i`` needed for ``c_i`` is recomputed too (two more matmuls per chunk)
-  instead of being saved: it saves a full ``(B, H, N, Dv)`` tensor.
+* The output ``o_i`` needed for ``c_i`` is the saved output for plain LLN; for LLN+Diag
+  (whose output is the mixture) the LLN part is recomputed (two more matmuls per chunk)
+  instead of being kept as a second full-size tensor.
 
 Double backward is not supported (``once_differentiable``: a clear error).
 """
