@@ -1,5 +1,10 @@
 """``checkpoint=True``: activation checkpointing inside the causal LLN / LLN+Diag ops.
 
+Since the causal kernels became autograd Functions with a hand-derived backward
+(``lln.ops.lln_function``), ``checkpoint`` has no effect on the default path (tested at the
+end); the checkpointing itself lives on in the autograd-through-ops reference path, which
+every test here runs inside ``lln.ops.lln.reference_kernel()`` (autouse fixture).
+
 The checkpointed ops must give the outputs and gradients of the plain ones (float64 to
 1e-12; the recompute repeats the same operations), on lengths spanning several segments /
 pieces and not multiples of any chunk, segment, block or piece size, with padding, with a
@@ -23,6 +28,17 @@ import lln.ops.lln_diag
 OPS = {"lln": lln.lln_attention, "lln_diag": lln.lln_diag_attention}
 CHUNK = 4  # segments of 16 * 4 = 64 tokens
 PIECE = 50  # LLN+Diag pieces (1024 tokens in the library), patched small to stay fast
+
+
+@pytest.fixture(autouse=True)
+def reference_path(request):
+    """The reference kernel (where checkpointing happens), except for tests marked
+    ``default_path``."""
+    if "default_path" in request.keywords:
+        yield
+        return
+    with lln.ops.lln.reference_kernel():
+        yield
 
 
 @pytest.fixture
@@ -225,3 +241,21 @@ def test_layer_and_registry_pass_checkpoint_on(checkpoint_calls):
     q, k, v = (t.requires_grad_(True) for t in make_qkv(1, 2, 40, 8))
     lln.get_attention("lln").fn(q, k, v, is_causal=True, checkpoint=True, chunk_size=CHUNK)
     assert len(checkpoint_calls) == calls + 1
+
+
+@pytest.mark.default_path
+@pytest.mark.parametrize("op", list(OPS))
+def test_checkpoint_is_a_no_op_on_the_default_path(op, checkpoint_calls):
+    """The autograd Function already recomputes segment by segment: ``checkpoint=True``
+    gives the very same outputs and gradients and checkpoints nothing."""
+    q, k, v = make_qkv(1, 2, 150, 8, 5, sigma=1.5, seed=7)
+    grad_out = torch.randn(v.shape, generator=torch.Generator().manual_seed(5)).to(v.dtype)
+    results = []
+    for flag in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = OPS[op](*leaves, is_causal=True, chunk_size=CHUNK, checkpoint=flag)
+        results.append((out, torch.autograd.grad(out, leaves, grad_out)))
+    assert checkpoint_calls == []
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.equal(a, b)

@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--threads", type=_positive(int), default=None,
                       help="torch threads per worker (default: all usable cores)")
     what.add_argument("--seed", type=int, default=0, help=dflt)
+    what.add_argument("--contend", action="store_true",
+                      help="run a CPU-bound process pinned to one core beside the benchmark "
+                      "(contention robustness; compare with a run without it)")
 
     how = parser.add_argument_group("timing and limits")
     how.add_argument("--warmup", type=int, default=1, help="warm-up calls before timing" + dflt)
@@ -190,6 +193,7 @@ def build_configs(args: argparse.Namespace, methods: list[str]) -> list[dict[str
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by ``args``; returns the JSON document it wrote."""
     from . import report
+    from .contend import contender
     from .runner import sweep, total_memory_bytes
 
     if args.max_repeats < args.min_repeats:
@@ -221,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mode="decode" if args.decode else "sweep", methods=methods,
         lengths=sorted(set(args.lengths)), modes=sorted({c["mode"] for c in configs}),
         timeout_s=args.timeout, memory_limit_bytes=memory_limit, fit_min=args.fit_min,
-        fit_max=args.fit_max,
+        fit_max=args.fit_max, contend=bool(getattr(args, "contend", False)),
     )
     header = report.make_header(settings, command=getattr(args, "command_line", None)
                                 or _command_line())
@@ -244,8 +248,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if load is not None and load > 0.5:
             print(f"warning: 1-minute load average {load:.2f} before the start; other work on "
                   "this machine inflates the timings", flush=True)
-    sweep(configs, timeout=args.timeout, memory_limit=memory_limit, skip=_unsupported,
-          on_result=save, progress=not args.quiet)
+    with contender(settings["contend"]) as core:
+        if settings["contend"]:
+            settings["contend_core"] = core
+            if not args.quiet:
+                print(f"contention: a CPU-bound process pinned to core {core}", flush=True)
+        sweep(configs, timeout=args.timeout, memory_limit=memory_limit, skip=_unsupported,
+              on_result=save, progress=not args.quiet)
     document["complete"] = True
     try:
         header["loadavg_end"] = round(os.getloadavg()[0], 2)

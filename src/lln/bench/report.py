@@ -80,6 +80,8 @@ def machine_line(header: dict[str, Any], threads: int | None) -> str:
     layout = f"B={s['batch']} H={s['heads']} D={s['dim']} {s['dtype']} on {s['device']}"
     if s.get("mode") != "decode":
         layout += ", causal" if s["causal"] else ", non-causal"
+    if s.get("contend"):
+        layout += f", with a CPU-bound process pinned to core {s.get('contend_core')} (--contend)"
     return (
         f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, {threads} torch threads"
         f"{ram}{gpu}, {machine['os']}; torch {header['torch']}, lln {header['lln']}; "

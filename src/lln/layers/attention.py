@@ -114,9 +114,9 @@ class LLNAttention(nn.Module):
             default) or ``"head_dim"`` (calibrated for the head dim, see
             :func:`lln.lln_attention`); used with every ``stats`` mode.
         chunk_size: chunk length of the causal kernel.
-        checkpoint: activation checkpointing inside the causal op while training (see
-            :func:`lln.lln_attention`): backward recomputes the attention one segment at a
-            time instead of keeping its intermediates. Same outputs and gradients.
+        checkpoint: passed to the op, where it no longer has an effect (see
+            :func:`lln.lln_attention`: the kernel's backward recomputes one segment at a
+            time anyway).
     """
 
     def __init__(

@@ -24,15 +24,19 @@ How it stays exact and stable:
 * **Precision.** Features and sums are float32 (float64 for float64 inputs); the output is
   cast back to the dtype of ``v``. Offsets carry no gradient (the output does not depend
   on them), so backward stores only O(N * (C + D) + (N / C) * D * Dv) per head.
-* **Checkpointing** (``checkpoint=True``, causal, while autograd records): each segment
-  runs under non-reentrant activation checkpointing, so backward keeps only the segment
-  inputs and the carried states and recomputes one segment at a time.
+* **Backward** is hand-derived (:mod:`lln.ops.lln_function`): forward keeps only the
+  inputs, one log-denominator per row and the state entering each chunk; backward
+  recomputes the chunk weights one segment at a time. The autograd-through-ops path
+  below stays as the tested reference (:func:`reference_kernel`), where
+  ``checkpoint=True`` runs each segment under activation checkpointing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -95,15 +99,48 @@ def warn_lost_rows(lost: Tensor | int) -> None:
         )
 
 
+class _ReferenceFlag(threading.local):
+    active = False
+
+
+_reference = _ReferenceFlag()
+
+
+@contextlib.contextmanager
+def reference_kernel() -> Iterator[None]:
+    """Run causal LLN through the autograd-through-ops kernel (the reference the
+    hand-derived backward is tested against) inside the ``with`` block (this thread)."""
+    before, _reference.active = _reference.active, True
+    try:
+        yield
+    finally:
+        _reference.active = before
+
+
 def _finite_or_zero(x: Tensor) -> Tensor:
     """Replace -inf offsets (nothing seen yet) by 0 so that ``x - offset`` stays defined."""
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
-def _safe_divide(num: Tensor, den: Tensor, eps: float) -> Tensor:
-    """``num / (den + eps)`` with rows that see no key (den == 0) set to 0 instead of NaN."""
-    den = den + eps
-    return num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
+def _safe_divide(
+    num: Tensor, den: Tensor, eps: float, log_scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``num / den`` for sums stored relative to ``exp(log_scale)`` (the true denominator
+    is ``den * exp(log_scale)``), with ``eps`` added to the TRUE denominator (so the result
+    does not depend on the offsets, the chunking or the split), and rows whose denominator
+    is 0 (no visible key, or every term underflowed) set to 0 instead of NaN.
+
+    Returns ``(out, log_den)``: ``log_den = log(true den + eps)`` without gradient, +inf on
+    rows set to 0 (their gradient is then exactly 0 in the hand-derived backward).
+    """
+    if eps:
+        # eps * exp(-log_scale) overflows to inf only where the true den is negligible
+        den = den + eps * torch.exp(-log_scale)
+    with torch.no_grad():
+        alive = den > 0
+        log_den = torch.where(alive, den.log() + log_scale, float("inf"))
+    out = num / torch.where(alive, den, torch.ones_like(den)).unsqueeze(-1)
+    return out, log_den
 
 
 def _bmm(a: Tensor, b: Tensor) -> Tensor:
@@ -253,20 +290,25 @@ def _noncausal(
     q_feat = torch.exp(q_plus - mu)
     num = q_feat @ kv
     den = (q_feat @ k_sum.unsqueeze(-1)).squeeze(-1)
-    return _safe_divide(num, den, eps)
+    return _safe_divide(num, den, eps, mu.squeeze(-1))[0]
 
 
 def _causal(
     q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, mask: Tensor | None,
     state: LLNState, chunk_size: int, eps: float, checkpoint: bool = False,
+    diag: tuple | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | int]:
     """Causal LLN over segments of ``SEGMENT_CHUNKS`` chunks, chained through the state.
 
     Working on segments keeps every temporary small enough for the CPU caches (and out of
     fresh ``mmap`` pages), which keeps time linear in N at long lengths. ``split`` (not
     slicing) keeps backward linear. ``q, k, v`` may be in the input dtype: each segment is
-    cast to the compute dtype (that of the state) on its own. ``checkpoint``: run each
-    segment under activation checkpointing when autograd records (see ``segment_runner``).
+    cast to the compute dtype (that of the state) on its own.
+
+    By default this runs :func:`lln.ops.lln_function.causal_lln`, an autograd Function
+    with a hand-derived backward. Inside :func:`reference_kernel` it runs the original
+    autograd-through-ops path instead (the tested reference), where ``checkpoint`` runs
+    each segment under activation checkpointing (see ``segment_runner``).
 
     Returns ``(out (B,H,N,Dv), kv, k_sum, k_max, lost)`` with ``lost`` the number of rows
     whose every term underflowed (for :func:`warn_lost_rows`). Known limit: inside a chunk
@@ -277,8 +319,14 @@ def _causal(
     than returned silently. The count is an output (the caller warns) so that recomputing a
     checkpointed segment in backward cannot warn a second time.
     """
-    segment = chunk_size * SEGMENT_CHUNKS
     kv, k_sum, k_max = state.kv, state.k_sum, state.k_max
+    if not _reference.active:
+        from .lln_function import causal_lln  # (it builds on this module's kernel)
+
+        return causal_lln(q, k, v, alpha, beta, mask, kv, k_sum, k_max, chunk_size, eps, diag)
+    if diag is not None:
+        raise ValueError("the reference kernel computes the diagonal part separately")
+    segment = chunk_size * SEGMENT_CHUNKS
     n_segments = -(-q.shape[2] // segment)
 
     def pieces(t: Tensor | None, dim: int) -> list:
@@ -292,7 +340,7 @@ def _causal(
     for q_seg, k_seg, v_seg, a_seg, b_seg, mask_seg in zip(
         *(pieces(t, 2) for t in (q, k, v, alpha, beta)), pieces(mask, 1), strict=True
     ):
-        out, kv, k_sum, k_max, lost_seg = run(
+        out, kv, k_sum, k_max, lost_seg, *_ = run(
             q_seg, k_seg, v_seg, a_seg, b_seg, mask_seg, kv, k_sum, k_max, chunk_size, eps
         )
         outs.append(out)
@@ -312,14 +360,12 @@ def _scaled_segment(
     )
 
 
-def _causal_segment(
-    qs: Tensor, ks: Tensor, v: Tensor, mask: Tensor | None,
-    kv: Tensor, k_sum: Tensor, k_max: Tensor, chunk_size: int, eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Chunked causal LLN continuing from ``(kv, k_sum, k_max)``; returns them updated, and
-    the number of rows whose every term underflowed (see ``_causal``)."""
+def _chunk_layout(
+    qs: Tensor, ks: Tensor, v: Tensor, mask: Tensor | None, chunk_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, int]:
+    """``qs, ks, v`` of one segment as ``(B, H, nC, C, .)`` chunks, zero-padded at the end,
+    with the key mask ``(B, 1, nC, C, 1)`` (None when nothing is padded) and the pad."""
     b, h, n, d = qs.shape
-    dv = v.shape[-1]
     c = min(chunk_size, n)
     n_chunks = -(-n // c)
     pad = n_chunks * c - n
@@ -331,48 +377,47 @@ def _causal_segment(
         real = torch.nn.functional.pad(real, (0, pad), value=False)
     qc = qs.view(b, h, n_chunks, c, d)
     kc = ks.view(b, h, n_chunks, c, d)
-    vc = v.contiguous().view(b, h, n_chunks, c, dv)  # one copy, used by two matmuls
+    vc = v.contiguous().view(b, h, n_chunks, c, v.shape[-1])  # one copy, used by two matmuls
     # without padding nothing needs masking (saves several full passes, forward and backward)
     key_real = None if real is None else real.view(b, 1, n_chunks, c, 1)
+    return qc, kc, vc, key_real, pad
 
-    def mask_keys(x: Tensor) -> Tensor:
-        return x if key_real is None else x.masked_fill(~key_real, NEG_INF)
 
-    with torch.no_grad():  # offsets: any value gives the same output, so no gradient
-        k_masked = mask_keys(kc)
-        row_max = k_masked.amax(-1)  # r_j: (B, H, nC, C), -inf on padded keys
-        run_max = row_max.cummax(-1).values  # m_i = max_{j <= i in chunk} r_j
-        q_max = qc.amax(-1)  # (B, H, nC, C)
-        chunk_max = k_masked.amax(-2)  # per-dim max of each chunk: (B, H, nC, D)
-        # running per-dim max before / after each chunk, starting from the state's
-        before_and_after = torch.cat([k_max.unsqueeze(2), chunk_max], 2).cummax(2).values
-        max_before, max_after = before_and_after[:, :, :-1], before_and_after[:, :, 1:]
-        decay = torch.exp(max_before - max_after).nan_to_num(0.0)  # both -inf -> 0 (empty)
-        inject = torch.exp(chunk_max - max_after).nan_to_num(0.0)
-        # One log-scale per query for both parts: the larger of the inter-chunk one
-        # (max_d q_id + max_before_d) and the intra-chunk one (max_d q_id + m_i). Every
-        # factor below is then <= 1, and the parts add without rescaling.
-        q_plus = qc + max_before.unsqueeze(-2)  # -inf in dims with no key yet
-        top = torch.maximum(q_plus.amax(-1), q_max + run_max)  # finite iff a key is visible
-        seen = torch.isfinite(top)
-        top = _finite_or_zero(top)
-        inter_offset = max_before.unsqueeze(-2) - top.unsqueeze(-1)  # (B, H, nC, C, D)
-        # intra-chunk weight of key j for query i: exp(r_j + max_d q_id - top_i), j <= i
-        causal = torch.ones(c, c, dtype=torch.bool, device=qs.device).tril()
-        visible = causal if key_real is None else causal & torch.isfinite(row_max).unsqueeze(-2)
-        e = row_max.unsqueeze(-2) + (q_max - top).unsqueeze(-1)  # (.., C_i, C_j)
-        e = e.masked_fill_(~visible, NEG_INF).exp_()  # 0 where not visible
+def _chunk_offsets(
+    kc: Tensor, key_real: Tensor | None, k_max: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The offsets of the chunked causal kernel (no gradient: any value gives the same
+    output). Returns the scaled keys with padded ones at -inf, the per-key max ``r_j``
+    ``(B, H, nC, C)``, its running max inside each chunk ``m_i``, the per-dim max of each
+    chunk and the running per-dim max before / after each chunk ``(B, H, nC, D)``."""
+    k_masked = kc if key_real is None else kc.masked_fill(~key_real, NEG_INF)
+    row_max = k_masked.amax(-1)  # r_j: (B, H, nC, C), -inf on padded keys
+    run_max = row_max.cummax(-1).values  # m_i = max_{j <= i in chunk} r_j
+    chunk_max = k_masked.amax(-2)  # per-dim max of each chunk: (B, H, nC, D)
+    # running per-dim max before / after each chunk, starting from the state's
+    before_and_after = torch.cat([k_max.unsqueeze(2), chunk_max], 2).cummax(2).values
+    return (
+        k_masked, row_max, run_max, chunk_max, before_and_after[:, :, :-1],
+        before_and_after[:, :, 1:],
+    )
 
-    # intra-chunk part, all chunks at once. Numerators and denominators are kept apart (a
-    # column of ones appended to v would make the matmuls 65 wide, ~2.5x slower on CPU).
-    # (exp_ in place on fresh temporaries: one allocation less per feature map)
-    q_hat = (qc - q_max.unsqueeze(-1)).exp_()
-    k_hat = mask_keys(kc - _finite_or_zero(row_max).unsqueeze(-1)).exp_()
-    weights = _bmm(q_hat, k_hat.transpose(-1, -2)) * e  # (B, H, nC, C, C)
-    intra_num, intra_den = _bmm(weights, vc), weights.sum(-1)
 
-    # chunk summaries relative to each chunk's own per-dim max, then the carried state
-    k_loc = mask_keys(kc - _finite_or_zero(chunk_max).unsqueeze(-2)).exp_()
+def _visible(row_max: Tensor, key_real: Tensor | None) -> Tensor:
+    """``(.., C_i, C_j)`` bool: key j is real and j <= i inside the chunk."""
+    c = row_max.shape[-1]
+    causal = torch.ones(c, c, dtype=torch.bool, device=row_max.device).tril()
+    return causal if key_real is None else causal & torch.isfinite(row_max).unsqueeze(-2)
+
+
+def _carry_states(
+    k_loc: Tensor, vc: Tensor, chunk_max: Tensor, max_before: Tensor, max_after: Tensor,
+    kv: Tensor, k_sum: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The state carried into each chunk, from chunk summaries ``k_loc = exp(ks -
+    chunk_max)`` (0 on padded keys): ``(kv_before (B,H,nC,D,Dv), ks_before (B,H,nC,D,1))``
+    and the state after the last chunk ``(kv, k_sum)``."""
+    decay = torch.exp(max_before - max_after).nan_to_num(0.0)  # both -inf -> 0 (empty)
+    inject = torch.exp(chunk_max - max_after).nan_to_num(0.0)
     kv_loc = _bmm(k_loc.transpose(-1, -2), vc)  # (B, H, nC, D, Dv)
     ks_loc = k_loc.sum(-2)  # (B, H, nC, D)
     kv_before, ks_before = [], []
@@ -383,16 +428,69 @@ def _causal_segment(
         ks_before.append(k_sum)
         kv = torch.addcmul(kv * decay_n.unsqueeze(-1), kv_n, inject_n.unsqueeze(-1))
         k_sum = torch.addcmul(k_sum * decay_n, ks_n, inject_n)
-    kv_before = torch.stack(kv_before, 2)  # (B, H, nC, D, Dv)
-    ks_before = torch.stack(ks_before, 2).unsqueeze(-1)  # (B, H, nC, D, 1)
+    return torch.stack(kv_before, 2), torch.stack(ks_before, 2).unsqueeze(-1), kv, k_sum
+
+
+def _causal_segment(
+    qs: Tensor, ks: Tensor, v: Tensor, mask: Tensor | None,
+    kv: Tensor, k_sum: Tensor, k_max: Tensor, chunk_size: int, eps: float,
+) -> tuple[Tensor, ...]:
+    """Chunked causal LLN continuing from ``(kv, k_sum, k_max)``; returns the output, the
+    state updated, the number of rows whose every term underflowed (see ``_causal``), the
+    log of each row's true denominator ``(B, H, n)`` (+inf where the row is set to 0) and
+    the state entering each chunk ``(B, H, nC, D, Dv)``, ``(B, H, nC, D, 1)`` (the last
+    three for the backward of :class:`lln.ops.lln_function.CausalLLN`)."""
+    b, h, n, _ = qs.shape
+    dv = v.shape[-1]
+    qc, kc, vc, key_real, _ = _chunk_layout(qs, ks, v, mask, chunk_size)
+    n_chunks, c = qc.shape[2:4]
+
+    def mask_keys(x: Tensor) -> Tensor:
+        return x if key_real is None else x.masked_fill(~key_real, NEG_INF)
+
+    with torch.no_grad():  # offsets: any value gives the same output, so no gradient
+        _, row_max, run_max, chunk_max, max_before, max_after = _chunk_offsets(
+            kc, key_real, k_max
+        )
+        q_max = qc.amax(-1)  # (B, H, nC, C)
+        # One log-scale per query for both parts: the larger of the inter-chunk one
+        # (max_d q_id + max_before_d) and the intra-chunk one (max_d q_id + m_i). Every
+        # factor below is then <= 1, and the parts add without rescaling.
+        q_plus = qc + max_before.unsqueeze(-2)  # -inf in dims with no key yet
+        top = torch.maximum(q_plus.amax(-1), q_max + run_max)  # finite iff a key is visible
+        seen = torch.isfinite(top)
+        top = _finite_or_zero(top)
+        inter_offset = max_before.unsqueeze(-2) - top.unsqueeze(-1)  # (B, H, nC, C, D)
+        # intra-chunk weight of key j for query i: exp(r_j + max_d q_id - top_i), j <= i
+        visible = _visible(row_max, key_real)
+        e = row_max.unsqueeze(-2) + (q_max - top).unsqueeze(-1)  # (.., C_i, C_j)
+        e = e.masked_fill_(~visible, NEG_INF).exp_()  # 0 where not visible
+
+    # intra-chunk part, all chunks at once. Numerators and denominators are kept apart (a
+    # column of ones appended to v would make the matmuls 65 wide, ~2.5x slower on CPU).
+    # (exp_ in place on fresh temporaries: one allocation less per feature map). Keys after
+    # i are removed with masked_fill, not by their zero weight: a NaN/Inf future key would
+    # make 0 * NaN = NaN in earlier rows.
+    q_hat = (qc - q_max.unsqueeze(-1)).exp_()
+    k_hat = mask_keys(kc - _finite_or_zero(row_max).unsqueeze(-1)).exp_()
+    weights = (_bmm(q_hat, k_hat.transpose(-1, -2)) * e).masked_fill(~visible, 0.0)
+    intra_num, intra_den = _bmm(weights, vc), weights.sum(-1)
+
+    # chunk summaries relative to each chunk's own per-dim max, then the carried state
+    k_loc = mask_keys(kc - _finite_or_zero(chunk_max).unsqueeze(-2)).exp_()
+    kv_before, ks_before, kv, k_sum = _carry_states(
+        k_loc, vc, chunk_max, max_before, max_after, kv, k_sum
+    )
 
     # inter-chunk part: queries against the state carried into their chunk
     q_feat = (qc + inter_offset).exp_()
     num = _bmm(q_feat, kv_before) + intra_num
     den = _bmm(q_feat, ks_before).squeeze(-1) + intra_den
     lost = ((den.detach() == 0) & seen).sum()
-    out = _safe_divide(num, den, eps).reshape(b, h, n_chunks * c, dv)[:, :, :n]
-    return out, kv, k_sum, max_after[:, :, -1], lost
+    out, log_den = _safe_divide(num, den, eps, top)
+    out = out.reshape(b, h, n_chunks * c, dv)[:, :, :n]
+    log_den = log_den.reshape(b, h, -1)[:, :, :n]
+    return out, kv, k_sum, max_after[:, :, -1], lost, log_den, kv_before, ks_before
 
 
 def lln_forward(
@@ -412,23 +510,31 @@ def lln_forward(
     block_size: int | None = None,
     constants: str = "paper",
     checkpoint: bool = False,
+    diag: tuple | None = None,
 ) -> tuple[Tensor, LLNState | None, Tensor | int]:
     """LLN on validated inputs. Returns the output in the compute dtype, when causal the
     state after the input (``block_*`` fields are left for the caller), and the number of
-    underflowed rows (for :func:`warn_lost_rows`; 0 when not causal)."""
+    underflowed rows (for :func:`warn_lost_rows`; 0 when not causal). ``diag`` (causal
+    only): the LLN+Diag combination computed in the same Function (see
+    :func:`lln.ops.lln_function.causal_lln`)."""
     cdt = compute_dtype(q.dtype)
     alpha_t, beta_t, moments = feature_scales(
         q, k, is_causal=is_causal, key_padding_mask=mask, alpha=alpha, beta=beta,
         stats=stats, temperature=temperature, state=state, constants=constants,
     )
     if not is_causal:
+        if not _reference.active:
+            from .lln_function import noncausal_lln
+
+            return noncausal_lln(q, k, v, alpha_t, beta_t, mask, eps, diag), None, 0
         q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
         return _noncausal(q, k, v, alpha_t, beta_t, mask, eps), None, 0
     if state is None:
         b, h, _, d = q.shape
         state = LLNState.empty(b, h, d, v.shape[-1], dtype=cdt, device=q.device)
     out, kv, k_sum, k_max, lost = _causal(
-        q, k, v, alpha_t, beta_t, mask, state, chunk_size, eps, checkpoint=checkpoint
+        q, k, v, alpha_t, beta_t, mask, state, chunk_size, eps, checkpoint=checkpoint,
+        diag=diag,
     )
     new_state = LLNState(
         kv=kv, k_sum=k_sum, k_max=k_max, position=state.position + q.shape[2],
@@ -479,25 +585,22 @@ def lln_attention(
             (calibrated for the head dim D of q,
             :func:`lln.ops.moment_matching.moment_constants`). Moment matching only: with
             explicit alpha, beta only ``"paper"`` is accepted.
-        eps: added to the normalised denominator (default 0: exact; rows without keys give 0).
+        eps: added to the true denominator, ``out_i = sum_j w_ij v_j / (eps + sum_j
+            w_ij)`` (default 0: exact; rows without keys give 0). Defined on the true
+            denominator, it does not depend on ``chunk_size`` or on how a causal sequence
+            is split into calls.
         chunk_size: tokens per chunk of the causal path (a speed knob; results agree to
             rounding for every value).
         initial_state: an :class:`LLNState` returned by a previous causal call to continue.
         output_final_state: also return the state after the last token (causal only).
-        checkpoint: activation checkpointing inside the causal kernel, trading compute for
-            memory in training on long sequences. While autograd records a graph, each
-            segment of ``16 * chunk_size`` tokens runs under
-            ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: backward keeps
-            only the segment inputs and the carried states (instead of the C x C chunk
-            weights and the feature maps, several hundred floats per token and head) and
-            recomputes one segment at a time, for one more forward pass of the kernel.
-            Wrapping the whole call in ``torch.utils.checkpoint`` from outside cannot do
-            this: its recompute rebuilds every segment's intermediates at once, so the peak
-            in backward stays the same. Outputs and gradients equal those without it (the
-            recompute repeats the same operations; bit for bit in the CPU tests). No
-            effect without grad (inference) or when not causal (the non-causal kernel is
-            one piece that keeps a few ``(N, D)`` feature maps; checkpoint the call from
-            outside if those matter).
+        checkpoint: accepted for compatibility; no longer needed and no effect. The
+            causal kernel is an autograd Function with a hand-derived backward
+            (:mod:`lln.ops.lln_function`) that keeps only q, k, v, alpha, beta, one
+            log-denominator per row and the state entering each chunk, and recomputes the
+            chunk weights one segment of ``16 * chunk_size`` tokens at a time in backward — what
+            ``checkpoint=True`` used to buy, without its extra forward pass. (Inside
+            :func:`lln.ops.lln.reference_kernel` it still checkpoints the reference
+            path's segments.) Double backward is not supported and raises.
 
     Returns:
         ``out`` with the shape ``(B, H, L, Dv)`` and dtype of ``v``, or ``(out, state)``.

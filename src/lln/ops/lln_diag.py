@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._validation import broadcast_param, check_qkv, compute_dtype
 from .block_diag import block_diag_forward, check_block_args
-from .lln import check_lln_args, lln_forward, segment_runner, warn_lost_rows
+from .lln import _reference, check_lln_args, lln_forward, segment_runner, warn_lost_rows
 from .state import LLNState
 
 #: Tokens per piece of the causal path (see ``lln_diag_attention``).
@@ -53,13 +53,10 @@ def lln_diag_attention(
             of the sequence, also across chained calls.
         scale: softmax score scale inside blocks (default ``1 / sqrt(D)``).
         lln_weight, diag_weight: floats or tensors broadcastable to ``(B, H, 1, Dv)``.
-        checkpoint: activation checkpointing inside the causal op (see
-            :func:`lln.lln_attention`): while autograd records, each piece of
-            ``PIECE_TOKENS`` (1024) tokens — its LLN segments and its diagonal blocks —
-            runs under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``, so
-            backward keeps only the piece inputs and the carried state and recomputes one
-            piece at a time. Checkpointing the whole call from outside would recompute all
-            pieces at once. No effect without grad or when not causal.
+        checkpoint: accepted for compatibility; no longer needed and no effect (see
+            :func:`lln.lln_attention`): the causal LLN part keeps only its inputs and
+            per-segment states for backward, and the diagonal part runs as fused SDPA,
+            which keeps its inputs, output and log-sum-exp.
 
     Returns:
         ``out`` ``(B, H, N, Dv)`` in the dtype of ``v``, or ``(out, state)``.
@@ -86,10 +83,30 @@ def lln_diag_attention(
         constants=constants, eps=eps, chunk_size=chunk_size, block_size=block_size,
         scale=scale, lln_weight=lln_w, diag_weight=diag_w,
     )
+    if not is_causal and not _reference.active:
+        # one NonCausalLLN call: both parts, the mixing and the hand-derived backward
+        from .lln_function import DiagPart
+
+        out, _, _ = lln_forward(
+            q, k, v, is_causal=False, mask=mask, alpha=alpha, beta=beta, stats=stats,
+            temperature=temperature, eps=eps, chunk_size=chunk_size, state=None,
+            constants=constants,
+            diag=(lln_w, diag_w, DiagPart(block_size=block_size, scale=scale, is_causal=False)),
+        )
+        return out.to(v.dtype)
     if not is_causal:
         return _lln_diag_piece(q, k, v, mask, None, **parts)[0].to(v.dtype)  # (lost = 0)
-    # Causal: cache-sized pieces chained through the state, which is exact (chaining equals
-    # one call) and keeps every temporary small; only the output is assembled at full size.
+    if not _reference.active:
+        # Causal: the LLN part is one autograd Function that works segment by segment (see
+        # lln.ops.lln_function), the diagonal part one fused SDPA call over whole blocks (or
+        # segments of blocks when padded), so one call covers the whole input.
+        out, state, lost = _lln_diag_causal(q, k, v, mask, initial_state, **parts)
+        warn_lost_rows(lost)
+        out = out.to(v.dtype)
+        return (out, state) if output_final_state else out
+    # Reference (autograd through the ops, inside lln.ops.lln.reference_kernel()):
+    # cache-sized pieces chained through the state, which is exact (chaining equals one
+    # call); ``checkpoint`` runs each piece under activation checkpointing.
     state = initial_state
     carried = () if state is None else (state.kv, state.k_sum, state.block_k, state.block_v)
     run = segment_runner(
@@ -109,6 +126,45 @@ def lln_diag_attention(
     warn_lost_rows(lost)
     out = (torch.cat(outs, 2) if len(outs) > 1 else outs[0]).to(v.dtype)
     return (out, state) if output_final_state else out
+
+
+def _lln_diag_causal(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: LLNState | None, *,
+    alpha: float | Tensor | None, beta: float | Tensor | None, stats: str, temperature: float,
+    constants: str, eps: float, chunk_size: int, block_size: int, scale: float,
+    lln_weight: Tensor, diag_weight: Tensor, is_causal: bool = True,
+) -> tuple[Tensor, LLNState, Tensor | int]:
+    """Causal LLN+Diag in one :class:`lln.ops.lln_function.CausalLLN` call (both parts,
+    the mixing and their hand-derived / recomputed backward). Returns the output in the
+    compute dtype, the state after the input and the number of underflowed LLN rows."""
+    from .lln_function import DiagPart
+
+    b, _, n, _ = q.shape
+    carried = 0 if state is None else state.position % block_size
+    part = DiagPart(
+        block_size=block_size, scale=scale, carried=carried,
+        block_mask=None if not carried else state.block_mask,
+    )
+    block_k, block_v = (state.block_k, state.block_v) if carried else (None, None)
+    out, new_state, lost = lln_forward(
+        q, k, v, is_causal=True, mask=mask, alpha=alpha, beta=beta, stats=stats,
+        temperature=temperature, eps=eps, chunk_size=chunk_size, state=state,
+        block_size=block_size, constants=constants,
+        diag=(lln_weight, diag_weight, block_k, block_v, part),
+    )
+    # the unfinished block after the input, as copies (a state owns its memory)
+    start = (carried + n) // block_size * block_size - carried  # may be < 0: carried tokens
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    if start >= 0:
+        tail = (k[:, :, start:], v[:, :, start:], real[:, start:])
+    else:
+        tail = (
+            torch.cat([block_k[:, :, start:].to(k.dtype), k], 2),
+            torch.cat([block_v[:, :, start:].to(v.dtype), v], 2),
+            torch.cat([state.block_mask[:, start:], real], 1),
+        )
+    new_state.block_k, new_state.block_v, new_state.block_mask = (t.clone() for t in tail)
+    return out, new_state, lost
 
 
 def _lln_diag_piece(
@@ -159,7 +215,8 @@ def _lln_diag_piece(
     out = torch.addcmul(lln_weight * lln_out, diag_weight, diag_out)
     if new_state is not None:
         start = (carried + n) // block_size * block_size  # first token of the unfinished block
-        new_state.block_k = k[:, :, start:]
-        new_state.block_v = v[:, :, start:]
-        new_state.block_mask = real[:, start:]
+        # copies: a state owns its memory (a caller may refill its k / v buffers)
+        new_state.block_k = k[:, :, start:].clone()
+        new_state.block_v = v[:, :, start:].clone()
+        new_state.block_mask = real[:, start:].clone()
     return out, new_state, lost
