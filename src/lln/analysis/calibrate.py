@@ -337,7 +337,8 @@ def calibrate_entropy(
                 moments_sigma = math.sqrt(max(product - MOMENT_B, 0.0) / (2 * MOMENT_A))
                 moments_h = lln_norm_entropy(z_q, z_k, moments_sigma, is_causal=is_causal)
                 points.append({
-                    "dim": dim, "n": n, "seeds": n_seeds, "product": product, "sigma_qk": math.sqrt(product),
+                    "dim": dim, "n": n, "seeds": n_seeds, "product": product,
+                    "sigma_qk": math.sqrt(product),
                     "softmax_entropy": float(target.mean()),
                     "softmax_entropy_std": float(target.std(correction=0)),
                     "sigma_tilde": sigma_tilde, "evaluations": evals,

@@ -40,7 +40,12 @@ ENTROPY_FORMS: dict[str, tuple[str, ...]] = {
 
 #: Fitted coefficients per form and mask, from ``lln calibrate --target entropy``
 #: (results/analysis/calibrate_entropy*/); filled from the committed calibration.
-ENTROPY_COEFFICIENTS: dict[tuple[str, bool], tuple[float, ...]] = {}
+ENTROPY_COEFFICIENTS: dict[tuple[str, bool], tuple[float, ...]] = {
+    ("linear", False): (0.1320, 0.1188, 0.9898),
+    ("linear_n", False): (0.1320, 0.1188, 0.83, 0.0, 0.02),
+    ("linear", True): (0.0105, 0.1378, 1.0364),
+    ("linear_n", True): (0.0105, 0.1378, 0.88, 0.0, 0.02),
+}
 
 #: The form :func:`entropy_sigma_tilde` uses by default.
 DEFAULT_FORM = "linear_n"
@@ -56,17 +61,20 @@ def _check_form(form: object) -> str:
     return form
 
 
+def _log2(x):
+    return torch.log2(x) if isinstance(x, Tensor) else math.log2(x)
+
+
 def form_features(form: str, sigma_qk, dim, n) -> list:
     """The features of ``form`` at ``s = sigma_qk``, ``L = log2(dim)``, ``M = log2(n)``.
 
     Works elementwise on floats and on tensors alike (``sigma_qk``, ``dim``, ``n`` broadcast),
     so the fit (:mod:`lln.analysis.calibrate`) and the scales below use one definition.
     """
-    log2 = torch.log2 if any(isinstance(v, Tensor) for v in (sigma_qk, dim, n)) else math.log2
-    s, big_l, big_m = sigma_qk, log2(dim), log2(n)
+    s, big_l, big_m = sigma_qk, _log2(dim), _log2(n)
     values = {
         "1": 1.0 + 0.0 * s, "L": big_l + 0.0 * s, "s": s, "M": big_m + 0.0 * s,
-        "sM": s * big_m, "log2s": log2(s), "s2": s * s,
+        "sM": s * big_m, "log2s": _log2(s), "s2": s * s,
     }
     return [values[name] for name in ENTROPY_FORMS[_check_form(form)]]
 
