@@ -103,10 +103,12 @@ def test_scales_from_variances():
     assert alpha.dtype == F64 and alpha.shape == (2, 1)
     hot, _ = entropy_scales_from_variances(var_q, var_k, dim=64, n=512, temperature=2.0)
     torch.testing.assert_close(hot, alpha / 2)
-    # per-token counts broadcast (causal use)
-    n = torch.arange(1, 5, dtype=F64)[:, None]
-    a_tok, _ = entropy_scales_from_variances(var_q[:1], var_k[:1], dim=64, n=n, is_causal=True)
-    assert a_tok.shape == (4, 1)
+    # per-sequence counts broadcast (padding)
+    n = torch.tensor([[300.0], [600.0]], dtype=F64)
+    a_seq, _ = entropy_scales_from_variances(var_q, var_k, dim=64, n=n, is_causal=True)
+    assert a_seq.shape == (2, 1)
+    one, _ = entropy_scales_from_variances(var_q[1:], var_k[1:], dim=64, n=600, is_causal=True)
+    torch.testing.assert_close(a_seq[1:], one)
     # a constant q (variance 0) gives a large finite scale, not inf / NaN
     a0, _ = entropy_scales_from_variances(torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64),
                                           dim=64, n=512)
@@ -141,13 +143,13 @@ def test_entropy_match_uses_moment_matching_statistics():
         q[1:, :, :30].var(dim=(2, 3), keepdim=True), k[1:, :, :30].var(dim=(2, 3), keepdim=True),
         dim=16, n=30)
     torch.testing.assert_close(a_pad[1:], ref_pad)
-    # causal: prefix statistics and N = t + 1, per token
+    # causal: prefix statistics per token, N = the sequence length
     a_c, b_c = entropy_match(q, k, is_causal=True)
     assert a_c.shape == (2, 3, 40, 1)
     t = 25
     ref_c, _ = entropy_scales_from_variances(
         q[:, :, : t + 1].var(dim=(2, 3), keepdim=True),
-        k[:, :, : t + 1].var(dim=(2, 3), keepdim=True), dim=16, n=t + 1, is_causal=True)
+        k[:, :, : t + 1].var(dim=(2, 3), keepdim=True), dim=16, n=40, is_causal=True)
     torch.testing.assert_close(a_c[:, :, t : t + 1], ref_c)
     # float32 inputs give float32 scales equal to the float64 ones to float32 precision
     a32, _ = entropy_match(q.float(), k.float())

@@ -13,8 +13,8 @@ more concentrated: at D = 64, N = 256 its normalised row entropy is 0.2 below so
 
 with the features ``f_i`` of a form in :data:`ENTROPY_FORMS` and the coefficients ``c_i`` in
 :data:`ENTROPY_COEFFICIENTS` (separately fitted for causal matrices, whose rows are
-normalised by their own visible count). ``N`` is the number of keys a query sees: the key
-count of the sequence (non-causal) or ``t + 1`` for query ``t`` (causal).
+normalised by their own visible count). ``N`` is the number of keys of the sequence (the
+size of the N x N matrix, causal or not).
 
 This is an analysis result, not yet an option of ``lln_attention``: pass the scales as
 ``alpha``, ``beta`` (or scale q, k by them) to evaluate LLN with entropy matching.
@@ -97,9 +97,9 @@ def entropy_sigma_tilde(
     Args:
         sigma_qk: ``sigma_q * sigma_k`` (> 0), the product of the entry standard deviations.
         dim: head dim D (the fit covers 16 <= D <= 128).
-        n: keys each query sees (>= 1): an int, or a tensor broadcastable with
-            ``sigma_qk`` (per-token counts in causal mode). The fit covers 256 <= N <= 1024;
-            ignored by the N-free ``"linear"`` form.
+        n: keys of the sequence (>= 1): an int, or a tensor broadcastable with
+            ``sigma_qk`` (one count per sequence with padding). The fit covers
+            256 <= N <= 1024; ignored by the N-free ``"linear"`` form.
         is_causal: use the coefficients fitted on causal matrices.
         form: a name of :data:`ENTROPY_FORMS`.
 
@@ -167,8 +167,10 @@ def entropy_match(
 
     The variances are moment matching's (:func:`lln.ops.moment_matching.moment_match`: the
     same ``stats`` modes, padding and causal prefix statistics); only the map from variances
-    to sigma_tilde differs. ``N`` of the closed form is the number of real keys (non-causal)
-    or of real keys up to and including each query (causal).
+    to sigma_tilde differs. ``N`` of the closed form is the number of real keys of the
+    sequence, causal or not: the causal coefficients were fitted on whole N x N causal
+    matrices with one sigma_tilde, so N is the matrix size there too (the sequence length is
+    then needed up front; the N-free ``"linear"`` form does not need it).
 
     Returns:
         ``alpha, beta`` of shape ``(B|1, H|1, N|1, 1)``, without gradient, in moment
@@ -182,14 +184,10 @@ def entropy_match(
     # alpha = sigma_k, beta = sigma_q: its statistics, read back without a second definition.
     sigma_k, sigma_q = moment_match(q, k, stats=stats, is_causal=is_causal,
                                     key_padding_mask=key_padding_mask, a=0.5, b=0.0)
-    n_keys = k.shape[2]
-    if key_padding_mask is not None:
-        real = key_padding_mask.to(torch.float64)[:, None, :, None]  # (B, 1, S, 1)
-        n = real.cumsum(2) if is_causal else real.sum(2, keepdim=True)
-    elif is_causal:
-        n = torch.arange(1, n_keys + 1, dtype=torch.float64, device=q.device)[:, None]
-    else:
-        n = n_keys
+    if key_padding_mask is None:
+        n = k.shape[2]
+    else:  # real keys per sequence, (B, 1, 1, 1)
+        n = key_padding_mask.to(torch.float64).sum(-1)[:, None, None, None]
     alpha, beta = entropy_scales_from_variances(
         sigma_q.double().square(), sigma_k.double().square(), dim=q.shape[-1], n=n,
         is_causal=is_causal, temperature=temperature, form=form,
