@@ -115,11 +115,16 @@ def test_scales_from_variances():
     assert torch.isfinite(a0).all()
 
 
-def test_sigma_tilde_grows_with_sigma_qk_dim_and_n():
+def test_sigma_tilde_grows_with_sigma_qk_and_dim_and_falls_with_n():
     s = entropy_sigma_tilde(torch.tensor([0.5, 1.0, 2.0], dtype=F64), dim=64, n=256)
     assert (s.diff() > 0).all()
     assert entropy_sigma_tilde(1.0, dim=64, n=256) > entropy_sigma_tilde(1.0, dim=32, n=256)
-    assert entropy_sigma_tilde(2.0, dim=64, n=1024) > entropy_sigma_tilde(2.0, dim=64, n=256)
+    # the calibration: at D = 64, product 4, the matched sigma_tilde is 2.825 at N = 256 and
+    # 2.748 at N = 1024 (non-causal); 2.956 and 2.825 causal
+    for causal in (False, True):
+        at_256 = entropy_sigma_tilde(2.0, dim=64, n=256, is_causal=causal)
+        at_1024 = entropy_sigma_tilde(2.0, dim=64, n=1024, is_causal=causal)
+        assert 0.02 < at_256 - at_1024 < 0.2
     assert entropy_sigma_tilde(2.0, dim=64, n=1024, form="linear") == entropy_sigma_tilde(
         2.0, dim=64, n=256, form="linear")
 
@@ -168,6 +173,11 @@ def test_lln_entropy_matrix_and_causality():
     a_lin, b_lin = entropy_match(q, k, form="linear")
     torch.testing.assert_close(lin, lln_attention_matrix(q, k, alpha=a_lin, beta=b_lin))
     causal = attention_matrix("lln_entropy", q, k, is_causal=True)
+    nc_fit = attention_matrix("lln_entropy_noncausal_fit", q, k, is_causal=True)
+    a_nc, b_nc = entropy_match(q, k, is_causal=True, fit="noncausal")
+    torch.testing.assert_close(nc_fit, lln_attention_matrix(q * a_nc, k * b_nc, alpha=1.0,
+                                                            beta=1.0, is_causal=True))
+    assert not torch.allclose(nc_fit, causal)
     torch.testing.assert_close(causal.sum(-1), torch.ones(1, 2, 33, dtype=F64))
     assert causal.triu(1).abs().max() == 0
     q2, k2 = q.clone(), k.clone()
@@ -187,6 +197,7 @@ def test_lln_entropy_matrix_and_causality():
                                            temperature=0.0), "temperature"),
     (lambda: entropy_match(torch.ones(1, 1, 4, 8), torch.ones(1, 1, 4, 8), stats="batch"),
      "stats"),
+    (lambda: entropy_match(torch.ones(1, 1, 4, 8), torch.ones(1, 1, 4, 8), fit="both"), "fit"),
 ])
 def test_errors_name_the_argument(call, word):
     with pytest.raises((ValueError, TypeError), match=word):

@@ -386,15 +386,14 @@ def fit_entropy_forms(points: list[dict]) -> dict:
 
 
 def evaluate_fits(result: dict, *, progress: bool = False) -> None:
-    """Add LLN's entropy at each fitted form's sigma_tilde (and at the shipped constants).
+    """Add, for every point and every form, LLN's entropy at the fitted sigma_tilde.
 
-    For every point and every form: ``sigma_tilde`` from the form fitted to this table
-    (``fit:<form>``) and from the constants shipped in :mod:`lln.ops.entropy_matching`
-    (``shipped:<form>``), and LLN's mean normalised entropy there, on the calibration draws.
+    ``point["forms"]["fit:<form>"]``: the form's sigma_tilde (fitted to this table), LLN's
+    mean normalised entropy there on the calibration draws, and its error against softmax.
     """
     from tqdm.auto import tqdm
 
-    from ..ops.entropy_matching import ENTROPY_FORMS, form_features, shipped_coefficients
+    from ..ops.entropy_matching import ENTROPY_FORMS, form_features
 
     cfg = result["config"]
     draws: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -407,15 +406,10 @@ def evaluate_fits(result: dict, *, progress: bool = False) -> None:
         evaluated = {}
         for name in ENTROPY_FORMS:
             feats = form_features(name, p["sigma_qk"], p["dim"], p["n"])
-            candidates = {f"fit:{name}": result["fits"][name]["coefficients"]}
-            shipped = shipped_coefficients(name, is_causal=cfg["is_causal"])
-            if shipped is not None:
-                candidates[f"shipped:{name}"] = shipped
-            for label, coef in candidates.items():
-                s = max(float(np.dot(feats, coef)), 1e-6)
-                h = float(lln_norm_entropy(z_q, z_k, s, is_causal=cfg["is_causal"]).mean())
-                evaluated[label] = {"sigma_tilde": s, "entropy": h,
-                                    "error": h - p["softmax_entropy"]}
+            s = max(float(np.dot(feats, result["fits"][name]["coefficients"])), 1e-6)
+            h = float(lln_norm_entropy(z_q, z_k, s, is_causal=cfg["is_causal"]).mean())
+            evaluated[f"fit:{name}"] = {"sigma_tilde": s, "entropy": h,
+                                        "error": h - p["softmax_entropy"]}
         p["forms"] = evaluated
         bar.update()
     bar.close()

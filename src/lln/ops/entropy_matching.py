@@ -38,17 +38,22 @@ ENTROPY_FORMS: dict[str, tuple[str, ...]] = {
     "curved_n": ("1", "L", "s", "log2s", "s2", "M", "sM"),
 }
 
-#: Fitted coefficients per form and mask, from ``lln calibrate --target entropy``
-#: (results/analysis/calibrate_entropy*/); filled from the committed calibration.
+#: Fitted coefficients per (form, is_causal), rounded to 4 decimals, from
+#: ``lln calibrate --target entropy --n 256 512 1024 --seeds 16 4 4 --seed 1`` (non-causal:
+#: D = 16..128, N = 256, 512, 1024) and ``lln calibrate --target entropy --causal --dims 32 64
+#: --n 256 1024 --seeds 16 4 --seed 1`` (causal: D = 32, 64 only), products 1/16..16
+#: (results/analysis/calibrate_entropy*/, docs/analysis.md).
 ENTROPY_COEFFICIENTS: dict[tuple[str, bool], tuple[float, ...]] = {
-    ("linear", False): (0.1320, 0.1188, 0.9898),
-    ("linear_n", False): (0.1320, 0.1188, 0.83, 0.0, 0.02),
-    ("linear", True): (0.0105, 0.1378, 1.0364),
-    ("linear_n", True): (0.0105, 0.1378, 0.88, 0.0, 0.02),
+    ("linear", False): (0.0299, 0.1413, 0.9485),
+    ("linear_n", False): (-0.1169, 0.1413, 1.2158, 0.0163, -0.0297),
+    ("curved_n", False): (0.3188, 0.1413, 0.7769, 0.2160, 0.0559, 0.0163, -0.0297),
+    ("linear", True): (-0.1875, 0.1757, 1.0209),
+    ("linear_n", True): (-0.3040, 0.1757, 1.3876, 0.0129, -0.0408),
+    ("curved_n", True): (0.1415, 0.1757, 0.9243, 0.2109, 0.0636, 0.0129, -0.0408),
 }
 
 #: The form :func:`entropy_sigma_tilde` uses by default.
-DEFAULT_FORM = "linear_n"
+DEFAULT_FORM = "curved_n"
 
 #: Variances are floored here (as in moment matching) so that a constant q or k gives a
 #: large but finite scale.
@@ -162,8 +167,12 @@ def entropy_match(
     key_padding_mask: Tensor | None = None,
     temperature: float = 1.0,
     form: str = DEFAULT_FORM,
+    fit: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Entropy-matched LLN feature scales ``(alpha, beta)`` for ``q, k (B, H, N, D)``.
+
+    ``fit``: which coefficients, ``"causal"`` or ``"noncausal"``; None (default) = those of
+    ``is_causal`` (the other set is there to measure whether one fit serves both).
 
     The variances are moment matching's (:func:`lln.ops.moment_matching.moment_match`: the
     same ``stats`` modes, padding and causal prefix statistics); only the map from variances
@@ -180,6 +189,9 @@ def entropy_match(
     from .moment_matching import moment_match
 
     temperature = check_positive_float(temperature, "temperature")
+    if fit not in (None, "causal", "noncausal"):
+        raise ValueError(f"fit must be None, 'causal' or 'noncausal', got {fit!r}")
+    causal_fit = is_causal if fit is None else fit == "causal"
     # With a = 1/2, b = 0 moment matching's sigma_tilde is sigma_q sigma_k, so it returns
     # alpha = sigma_k, beta = sigma_q: its statistics, read back without a second definition.
     sigma_k, sigma_q = moment_match(q, k, stats=stats, is_causal=is_causal,
@@ -190,6 +202,6 @@ def entropy_match(
         n = key_padding_mask.to(torch.float64).sum(-1)[:, None, None, None]
     alpha, beta = entropy_scales_from_variances(
         sigma_q.double().square(), sigma_k.double().square(), dim=q.shape[-1], n=n,
-        is_causal=is_causal, temperature=temperature, form=form,
+        is_causal=causal_fit, temperature=temperature, form=form,
     )
     return alpha.to(sigma_q.dtype), beta.to(sigma_k.dtype)
