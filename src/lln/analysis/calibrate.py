@@ -24,6 +24,7 @@ Design of the simulation (what :func:`calibrate` does):
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -180,3 +181,235 @@ def paper_check(result: dict) -> dict:
         "rel_err_a": rel_a, "abs_err_b": abs(b - PAPER_B),
         "a_within_5pct": rel_a <= 0.05, "b_within_0.04": abs(b - PAPER_B) <= 0.04,
     }
+
+
+# ------------------------------------------------------------------ entropy-matched calibration
+#
+# Moment matching equates Var(log P); the target below equates the mean normalised row
+# entropy instead. LLN with ``alpha sigma_q = beta sigma_k = sigma_tilde`` on Gaussian q, k is
+# the LLN matrix of standard-normal draws with ``alpha = beta = sigma_tilde``: the matrix
+# depends on sigma_tilde only, softmax's on the product sigma_q^2 sigma_k^2 only. So for
+# every (D, N, product) one bisection on sigma_tilde equates the two entropies on the same
+# standard-normal draws (common random numbers), and the matched sigma_tilde is what a closed
+# form ``sigma_tilde(sigma_q sigma_k, D, N)`` has to reproduce.
+
+#: Products sigma_q^2 sigma_k^2 of the entropy calibration: 2^(k/2), k = -8..8 (1/16 .. 16).
+ENTROPY_PRODUCTS = tuple(2.0 ** (k / 2) for k in range(-8, 9))
+#: Head dims and token counts of the committed entropy calibration.
+ENTROPY_DIMS = (16, 32, 64, 128)
+ENTROPY_NS = (256, 1024)
+
+
+def standard_draws(dim: int, n: int, seeds: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 standard-normal ``q, k (seeds, 1, n, dim)`` drawn from ``seed``.
+
+    The same generator calls as :func:`lln.analysis.sweep.gaussian_qk`, so the same ``seed``
+    gives the same draws as a sweep (calibrate with another seed to test out of sample).
+    """
+    from .sweep import gaussian_qk
+
+    return gaussian_qk(1.0, n=n, dim=dim, batch=seeds, seed=seed)
+
+
+@torch.no_grad()
+def softmax_norm_entropy(
+    z_q: torch.Tensor, z_k: torch.Tensor, product: float, *, is_causal: bool
+) -> torch.Tensor:
+    """Mean normalised row entropy of softmax on ``product^(1/4)``-scaled draws: ``(seeds,)``."""
+    from .instruments import mean_entropy
+    from .matrices import attention_matrix
+
+    scale = product**0.25
+    p = attention_matrix("softmax", z_q * scale, z_k * scale, is_causal=is_causal)
+    return mean_entropy(p, normalize=True, is_causal=is_causal).reshape(-1)
+
+
+@torch.no_grad()
+def lln_norm_entropy(
+    z_q: torch.Tensor, z_k: torch.Tensor, sigma_tilde: float, *, is_causal: bool
+) -> torch.Tensor:
+    """Mean normalised row entropy of LLN with ``alpha = beta = sigma_tilde``: ``(seeds,)``.
+
+    The matrix is ``lln_attention(q, k, I)`` (the fast path applied to the identity, equal to
+    the quadratic oracle to ~1e-15 in float64 and ~50x faster at N = 1024).
+    """
+    from ..ops.lln import lln_attention
+    from .instruments import mean_entropy
+
+    b, h, n, _ = z_q.shape
+    eye = torch.eye(n, dtype=z_q.dtype).expand(b, h, n, n)
+    p = lln_attention(z_q, z_k, eye, alpha=sigma_tilde, beta=sigma_tilde, is_causal=is_causal)
+    return mean_entropy(p, normalize=True, is_causal=is_causal).reshape(-1)
+
+
+def match_entropy(
+    z_q: torch.Tensor,
+    z_k: torch.Tensor,
+    target: float,
+    *,
+    is_causal: bool,
+    tol: float = 5e-4,
+    lower: float = 0.0,
+    width: float = 0.5,
+) -> tuple[float, int]:
+    """Bisection for the sigma_tilde at which LLN's mean normalised entropy equals ``target``.
+
+    LLN's entropy falls monotonically as sigma_tilde grows (1 at sigma_tilde = 0). The bracket
+    starts at ``[lower, lower + width]`` (``lower`` falls back to 0 if its entropy is already
+    below the target; the width doubles until the upper end's entropy is below it), then is
+    halved until it is shorter than ``tol``. Returns ``(sigma_tilde, evaluations)``.
+    """
+    evals = 0
+
+    def excess(s: float) -> float:
+        nonlocal evals
+        evals += 1
+        return float(lln_norm_entropy(z_q, z_k, s, is_causal=is_causal).mean()) - target
+
+    lo = lower if lower > 0 and excess(lower) > 0 else 0.0
+    hi = lo + width
+    while excess(hi) > 0:
+        lo, hi = hi, hi + 2 * (hi - lo)
+        if hi > 256:
+            raise ValueError(f"no sigma_tilde <= 256 reaches the entropy {target:.4f}")
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if excess(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi), evals
+
+
+def calibrate_entropy(
+    dims: tuple[int, ...] | list[int] = ENTROPY_DIMS,
+    ns: tuple[int, ...] | list[int] = ENTROPY_NS,
+    products: tuple[float, ...] | list[float] = ENTROPY_PRODUCTS,
+    *,
+    seeds: int | tuple[int, ...] | list[int] = 4,
+    seed: int = 1,
+    is_causal: bool = False,
+    tol: float = 5e-4,
+    progress: bool = False,
+) -> dict:
+    """Entropy-matched sigma_tilde on a (D, N, product) grid, with the closed-form fits.
+
+    For each point: the softmax target (mean over ``seeds`` draws of the mean normalised row
+    entropy; rows normalised by their visible count when causal), the bisected sigma_tilde
+    (:func:`match_entropy`) and, to judge the closed forms in entropy rather than in
+    sigma_tilde, LLN's entropy at the sigma_tilde of every form of
+    :data:`lln.ops.entropy_matching.ENTROPY_FORMS` fitted to this table and at the
+    moment-matched sigma_tilde (paper constants), all on the same draws.
+
+    Returns:
+        A JSON-ready dict: ``config``, ``points`` (one dict per grid point) and ``fits``
+        (per form: constants, R^2 and residuals in sigma_tilde, :func:`fit_entropy_forms`).
+    """
+    from tqdm.auto import tqdm
+
+    from ..ops.moment_matching import MOMENT_A, MOMENT_B
+
+    dims = [check_positive_int(d, "dims") for d in dims]
+    ns = [check_positive_int(n, "ns") for n in ns]
+    seeds_per_n = [seeds] * len(ns) if isinstance(seeds, numbers.Integral) else list(seeds)
+    if len(seeds_per_n) != len(ns):
+        raise ValueError(f"seeds must be one int or one per N ({len(ns)}), got {seeds}")
+    seeds_per_n = [check_positive_int(s, "seeds") for s in seeds_per_n]
+    if any(n < 2 for n in ns):
+        raise ValueError(f"ns must be >= 2 (entropy needs two keys), got {ns}")
+    products = sorted(float(t) for t in products)
+    if not products or any(not (t > 0 and math.isfinite(t)) for t in products):
+        raise ValueError(f"products must be positive finite numbers, got {products}")
+    points = []
+    bar = tqdm(total=len(dims) * len(ns) * len(products), desc="entropy calibration",
+               disable=not progress)
+    for dim in dims:
+        for n, n_seeds in zip(ns, seeds_per_n, strict=True):
+            z_q, z_k = standard_draws(dim, n, n_seeds, seed)
+            lower = 0.0  # products increase, so the last sigma_tilde bounds the next from below
+            for product in products:
+                target = softmax_norm_entropy(z_q, z_k, product, is_causal=is_causal)
+                sigma_tilde, evals = match_entropy(
+                    z_q, z_k, float(target.mean()), is_causal=is_causal, tol=tol, lower=lower
+                )
+                lower = sigma_tilde - 2 * tol
+                at_match = lln_norm_entropy(z_q, z_k, sigma_tilde, is_causal=is_causal)
+                moments_sigma = math.sqrt(max(product - MOMENT_B, 0.0) / (2 * MOMENT_A))
+                moments_h = lln_norm_entropy(z_q, z_k, moments_sigma, is_causal=is_causal)
+                points.append({
+                    "dim": dim, "n": n, "seeds": n_seeds, "product": product,
+                    "sigma_qk": math.sqrt(product),
+                    "softmax_entropy": float(target.mean()),
+                    "softmax_entropy_std": float(target.std(correction=0)),
+                    "sigma_tilde": sigma_tilde, "evaluations": evals,
+                    "lln_entropy_at_match": float(at_match.mean()),
+                    "moments_sigma_tilde": moments_sigma,
+                    "moments_entropy": float(moments_h.mean()),
+                })
+                bar.update()
+    bar.close()
+    result = {
+        "config": {
+            "target": "entropy", "dims": dims, "ns": ns, "products": products,
+            "seeds": seeds_per_n, "seed": seed, "is_causal": is_causal, "tol": tol,
+            "dtype": "float64",
+            "q_k": "i.i.d. standard normal, alpha = beta = sigma_tilde for LLN, entry std "
+            "product^(1/4) for softmax; the same draws for every product",
+        },
+        "points": points,
+    }
+    result["fits"] = fit_entropy_forms(points)
+    evaluate_fits(result, progress=progress)
+    return result
+
+
+def fit_entropy_forms(points: list[dict]) -> dict:
+    """OLS fit of every closed form of ``ENTROPY_FORMS`` to the matched sigma_tilde."""
+    from ..ops.entropy_matching import ENTROPY_FORMS, form_features
+
+    fits = {}
+    for name in ENTROPY_FORMS:
+        x = np.stack([
+            form_features(name, p["sigma_qk"], p["dim"], p["n"]) for p in points
+        ])
+        y = np.asarray([p["sigma_tilde"] for p in points])
+        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+        resid = y - x @ coef
+        ss_tot = float(((y - y.mean()) ** 2).sum())
+        fits[name] = {
+            "coefficients": coef.tolist(),
+            "r2": 1.0 - float(resid @ resid) / ss_tot if ss_tot > 0 else 1.0,
+            "rms_residual": float(np.sqrt((resid**2).mean())),
+            "max_abs_residual": float(np.abs(resid).max()),
+        }
+    return fits
+
+
+def evaluate_fits(result: dict, *, progress: bool = False) -> None:
+    """Add, for every point and every form, LLN's entropy at the fitted sigma_tilde.
+
+    ``point["forms"]["fit:<form>"]``: the form's sigma_tilde (fitted to this table), LLN's
+    mean normalised entropy there on the calibration draws, and its error against softmax.
+    """
+    from tqdm.auto import tqdm
+
+    from ..ops.entropy_matching import ENTROPY_FORMS, form_features
+
+    cfg = result["config"]
+    draws: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    bar = tqdm(total=len(result["points"]), desc="evaluate fits", disable=not progress)
+    for p in result["points"]:
+        key = (p["dim"], p["n"])
+        if key not in draws:
+            draws = {key: standard_draws(p["dim"], p["n"], p["seeds"], cfg["seed"])}
+        z_q, z_k = draws[key]
+        evaluated = {}
+        for name in ENTROPY_FORMS:
+            feats = form_features(name, p["sigma_qk"], p["dim"], p["n"])
+            s = max(float(np.dot(feats, result["fits"][name]["coefficients"])), 1e-6)
+            h = float(lln_norm_entropy(z_q, z_k, s, is_causal=cfg["is_causal"]).mean())
+            evaluated[f"fit:{name}"] = {"sigma_tilde": s, "entropy": h,
+                                        "error": h - p["softmax_entropy"]}
+        p["forms"] = evaluated
+        bar.update()
+    bar.close()

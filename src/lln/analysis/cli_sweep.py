@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sigma_q^2 sigma_k^2 values (default 2^(k/2), k=-8..8)")
     parser.add_argument("--seeds", type=int, default=4, help="draws per product (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="base seed")
+    parser.add_argument("--causal", action="store_true",
+                        help="causal matrices (prefix statistics; entropy normalised by each "
+                        "row's visible count)")
     parser.add_argument("--hist-product", type=float, default=1.0,
                         help="product of the log P histograms (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -46,7 +49,8 @@ def summary_markdown(result: dict, command: str) -> str:
     names = list(methods)
     acc = result["acceptance"]
     lines = [
-        f"# Temperature sweep, D = {cfg['dim']}, N = {cfg['n']}",
+        f"# Temperature sweep, D = {cfg['dim']}, N = {cfg['n']}"
+        + (", causal" if cfg.get("is_causal") else ""),
         "",
         f"Command: `{command}`",
         "",
@@ -65,7 +69,18 @@ def summary_markdown(result: dict, command: str) -> str:
             f"{worst['var_log_p']:.2f}; within {acc['tolerance']}: "
             f"{check['within_tolerance_in_range']}; departs (> {acc['tolerance']}) at "
             f"products {', '.join(f'{t:.3g}' for t in check['departs_at_products']) or 'none'}"
+            f"; entropy within {acc['entropy_tolerance']} (entropy-matching acceptance): "
+            f"{check['entropy_within_entropy_tolerance_in_range']}"
         )
+    lines += ["", "### spectral gap minus softmax's, paired over seeds (mean +- std)", "",
+              "| sigma_q^2 sigma_k^2 | " + " | ".join(n for n in names if n != "softmax") + " |",
+              "|---" * len(names) + "|"]
+    for i, t in enumerate(products):
+        cells = []
+        for check in acc["vs_softmax"].values():
+            d = check.get("gap_paired_diff")
+            cells.append("-" if d is None else f"{d['mean'][i]:+.3f} +- {d['std'][i]:.3f}")
+        lines.append(f"| {t:.3g} | " + " | ".join(cells) + " |")
     for key in ("norm_entropy", "gap", "var_log_p", "skewness"):
         lines += ["", f"### {_LABELS.get(key, key)}", "",
                   "| sigma_q^2 sigma_k^2 | " + " | ".join(names) + " |",
@@ -104,7 +119,8 @@ def plot_curves(result: dict, path: Path) -> None:
         ax.set_title(_LABELS[key])
     axes[0].legend(fontsize=8)
     cfg = result["config"]
-    fig.suptitle(f"Concentration vs temperature, D={cfg['dim']}, N={cfg['n']}")
+    fig.suptitle(f"Concentration vs temperature, D={cfg['dim']}, N={cfg['n']}"
+                 + (", causal" if cfg.get("is_causal") else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -148,7 +164,7 @@ def run(args: argparse.Namespace) -> None:
     result = temperature_sweep(
         dim=args.dim, n=args.n, products=args.products or DEFAULT_PRODUCTS,
         methods=args.methods, seeds=args.seeds, seed=args.seed,
-        hist_product=args.hist_product, progress=True,
+        hist_product=args.hist_product, is_causal=args.causal, progress=True,
     )
     command = "lln " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result["command"] = command

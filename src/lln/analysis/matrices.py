@@ -11,6 +11,12 @@ names this module adds LLN variants that the paper's analysis compares:
                    head dim (``constants="head_dim"``,
                    :func:`lln.ops.moment_matching.moment_constants`) instead of the paper's
                    D = 64 values.
+``lln_entropy``    entropy-matched LLN (:mod:`lln.ops.entropy_matching`, default closed
+                   form, N-aware), with moment matching's statistics (prefix statistics when
+                   causal).
+``lln_entropy_linear``  the same with the N-free closed form ``c0 + c1 log2 D + c2 s``.
+``lln_entropy_noncausal_fit``  ``lln_entropy`` with the coefficients fitted on non-causal
+                   matrices even when causal (does one fit serve both?).
 
     >>> p = attention_matrix("softmax", q, k, is_causal=True)     # doctest: +SKIP
     >>> mean_entropy(p, normalize=True, is_causal=True)           # doctest: +SKIP
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..ops.entropy_matching import DEFAULT_FORM
 from ..ops.naive import lln_attention_matrix
 from ..ops.registry import ATTENTIONS, get_attention
 
@@ -28,6 +35,9 @@ LLN_VARIANTS: dict[str, str] = {
     "lln_fixed": "LLN without moment matching, alpha = beta = 1",
     "lln_performer": "LLN with alpha = beta = D^(-1/4) (the reference code's 'Performer' variant)",
     "lln_dim": "moment-matched LLN with the head-dim constants (a, b)",
+    "lln_entropy": "entropy-matched LLN (N-aware closed form)",
+    "lln_entropy_linear": "entropy-matched LLN (N-free closed form c0 + c1 log2 D + c2 s)",
+    "lln_entropy_noncausal_fit": "entropy-matched LLN with the non-causal coefficients",
 }
 
 
@@ -68,6 +78,20 @@ def attention_matrix(
         return lln_attention_matrix(q, k, is_causal=is_causal,
                                     key_padding_mask=key_padding_mask, constants="head_dim",
                                     **options)
+    if method in ("lln_entropy", "lln_entropy_linear", "lln_entropy_noncausal_fit"):
+        from ..ops.entropy_matching import entropy_match
+
+        form = "linear" if method == "lln_entropy_linear" else options.pop("form", DEFAULT_FORM)
+        alpha, beta = entropy_match(
+            q, k, stats=options.pop("stats", "head"), is_causal=is_causal,
+            key_padding_mask=key_padding_mask, temperature=options.pop("temperature", 1.0),
+            form=form, fit="noncausal" if method == "lln_entropy_noncausal_fit" else None,
+        )
+        # causal scales are per token: fold them into q and k (exp(alpha q) = exp(1 * alpha q))
+        return lln_attention_matrix(
+            q * alpha.to(q.dtype), k * beta.to(k.dtype), is_causal=is_causal,
+            key_padding_mask=key_padding_mask, alpha=1.0, beta=1.0, **options,
+        )
     if method in LLN_VARIANTS:
         scale = 1.0 if method == "lln_fixed" else q.shape[-1] ** -0.25
         alpha, beta = scale, scale
