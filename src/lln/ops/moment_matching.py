@@ -303,10 +303,11 @@ def _whole_moments(
         shift = shift.mean(0, keepdim=True)
     e_lo, e_hi, size = _exponent_range(cdt)
     step = max(1, _STATS_CHUNK_BYTES // (b * h * d * size))
-    masks = [None] * n if mask is None else mask[:, None, :, None].split(step, dim=2)
+    chunks = x.split(step, dim=2)
+    masks = [None] * len(chunks) if mask is None else mask[:, None, :, None].split(step, dim=2)
     s1 = s2 = torch.zeros_like(shift, dtype=torch.float64)
     buf = torch.empty(b * h * min(step, n) * d, dtype=cdt, device=x.device)
-    for xc, mc in zip(x.split(step, dim=2), masks):
+    for xc, mc in zip(chunks, masks, strict=True):
         y = torch.sub(xc, shift, out=buf[: xc.numel()].view(xc.shape))  # reused buffer
         if mc is not None:
             y.masked_fill_(~mc, 0.0)
