@@ -672,7 +672,8 @@ def test_bfloat16_module(stats, causal):
     for p in m.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
     expected, _ = ref(x, key_padding_mask=pad)
-    torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.1)
+    # measured max error 5e-3 (outputs up to 1.1): bf16 weights and inputs round to 2^-8
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=1e-2)
     m.eval()
     out_eval, _ = m(x.bfloat16(), key_padding_mask=pad)
     assert torch.isfinite(out_eval).all()
