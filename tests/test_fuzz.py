@@ -144,6 +144,8 @@ def test_fuzz_ops_equal_float64_oracle_long(case, op):
 )
 def test_fuzz_scales_finite_and_exact_over_magnitudes(exp_q, exp_k, offset, is_causal, stats,
                                                       dtype, d, seed):
+    if dtype == torch.float32:  # documented range of float32 statistics: |x| <= 1e18
+        exp_q, exp_k = min(exp_q, 14), min(exp_k, 17)
     gen = torch.Generator().manual_seed(seed)
     q = ((torch.randn(2, 2, 23, d, generator=gen, dtype=torch.float64) + offset)
          * 10.0**exp_q).to(dtype)

@@ -23,10 +23,11 @@ live in :class:`PrefixMoments` so that a sequence processed in pieces gets the s
 A statistic with fewer than :data:`MIN_COUNT` entries (the first tokens of a causal sequence
 when ``D < 16``) uses the mean square about zero instead of the variance (see there).
 
-Numerics: causal per-token moments are float64 and shifted (exact for every finite
-float32/bf16/fp16 input, float64 up to ~1e150); non-causal moments are one fused pass of
-sums and sums of squares about a shift in the compute dtype (finite for ``|x| <~ 1e18`` in
-float32, ~1e150 in float64). See docs/numerics.md.
+Numerics: per-token moments are sums and sums of squares about the token's first entry
+(compute dtype), merged over tokens in float64 in Welford/Chan form: a mean offset costs no
+precision; finite for ``|x| <= 1e18`` in float32/bf16/fp16 and ~1e150 in float64.
+Non-causal moments are one fused, chunked pass of shifted, power-of-two scaled sums (finite
+for ``|x| <= 1e37`` in float32). See docs/numerics.md.
 
 The statistics are computed without gradient, as in the reference implementation: alpha and
 beta are normalisation constants, not functions to differentiate through.
@@ -92,8 +93,7 @@ class PrefixMoments:
     ``G = 1`` for ``stats="sequence"``. ``count`` is the number of entries (tokens x dims,
     times heads in ``"sequence"`` mode) seen; ``*_mean`` their mean and ``*_m2`` the sum of
     their squared deviations from that mean (Welford / Chan form: no cancellation however
-    large the mean, and no overflow for any finite float32/bf16/fp16 input). Merge two
-    adjacent pieces with :meth:`combine`.
+    large the mean). Merge two adjacent pieces with :meth:`combine`.
     """
 
     count: Tensor
@@ -229,32 +229,28 @@ def _token_moments(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token ``(count, mean, M2)`` in float64, each ``(B, G, N)``.
 
-    One fused pass over ``x`` in the compute dtype, a few hundred tokens at a time: each
-    token's entries are shifted by its first entry, scaled by a power of two (exact) into
-    ``[-1, 1]``, and summed and squared-summed. Nothing overflows
-    for any finite float32/bf16/fp16 input (float64: up to ~1e150) and a mean offset costs no
-    precision. Entries of token ``t`` of one head (``"sequence"``: of all heads) form one
-    group; padded tokens get count 0 (mean and M2 0). A non-finite entry makes its token's
-    mean/M2 non-finite, and nothing else.
+    One fused pass over ``x`` in the compute dtype, a few hundred tokens at a time into a
+    reused buffer: each token's entries are shifted by its first entry, then summed and
+    squared-summed (so a mean offset costs no precision). Finite for ``|x| <= 1e18`` in
+    float32/bf16/fp16 (``D <= 256``) and ``~1e150`` in float64; beyond, the token's M2 (and
+    the statistics of later tokens, never earlier ones) become infinite. Entries of token
+    ``t`` of one head (``"sequence"``: of all heads) form one group; padded tokens get count
+    0 (mean and M2 0). A non-finite entry makes its token's moments non-finite, and nothing
+    else.
     """
     b, h, n, d = x.shape
     cdt = compute_dtype(x.dtype)
-    e_lo, e_hi, size = _exponent_range(cdt)
-    step = max(1, _STATS_CHUNK_BYTES // (b * h * d * size))
+    step = max(1, _STATS_CHUNK_BYTES // (b * h * d * torch.finfo(cdt).bits // 8))
     parts = []
     buf = torch.empty(b * h * min(step, n) * d, dtype=cdt, device=x.device)
     for xc in x.split(step, dim=2):
         first = xc[..., :1].to(cdt)
         y = torch.sub(xc, first, out=buf[: xc.numel()].view(xc.shape))  # reused: no page faults
-        top = torch.maximum(y.amax(-1, keepdim=True), -y.amin(-1, keepdim=True))
-        e = torch.frexp(top).exponent.clamp(e_lo, e_hi).to(cdt)
-        y.mul_(torch.exp2(-e))  # |y| <= 1; scaling by 2^-e is exact
-        parts.append(torch.cat([e, first, y.sum(-1, keepdim=True),
+        parts.append(torch.cat([first, y.sum(-1, keepdim=True),
                                 torch.linalg.vector_norm(y, dim=-1, keepdim=True)], -1))
-    e, first, s1, norm = torch.cat(parts, dim=2).double().unbind(-1)
-    scale = torch.exp2(e)
-    mean = first + scale * s1 / d
-    m2 = scale.square() * (norm.square() - s1 * s1 / d).clamp_min(0)
+    first, s1, norm = torch.cat(parts, dim=2).double().unbind(-1)
+    mean = first + s1 / d
+    m2 = (norm.square() - s1 * s1 / d).clamp_min(0)
     cnt = torch.full((b, 1, n), float(d), dtype=torch.float64, device=x.device)
     if stats != "head":
         head_mean = mean.mean(1, keepdim=True)
