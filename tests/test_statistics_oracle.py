@@ -198,3 +198,40 @@ def test_constant_input_gives_floored_finite_scales():
     var_k = k.var()
     want = math.sqrt((1e-12 * var_k.item() - B) / (2 * A)) / 1e-6
     assert alpha.item() == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_statistics_are_sync_free(is_causal, masked):
+    """Moment matching runs on "meta" tensors, which fail on any host read of a value."""
+    from lln.ops.moment_matching import moment_match_with_moments
+
+    q, k = (torch.empty(2, 3, 33, 8, device="meta") for _ in range(2))
+    mask = torch.ones(2, 33, dtype=torch.bool, device="meta") if masked else None
+    for stats in ("head", "sequence"):
+        alpha, beta, _ = moment_match_with_moments(
+            q, k, stats=stats, is_causal=is_causal, key_padding_mask=mask, temperature=1.0
+        )
+        assert alpha.device.type == "meta" and alpha.shape[2] == (33 if is_causal else 1)
+
+
+def test_prefix_moments_combine_equals_one_pass():
+    """PrefixMoments.combine (Chan's merge) of two pieces = the moments of the whole."""
+    from lln.ops.moment_matching import PrefixMoments, moment_match_with_moments
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, 40, 8, generator=gen, dtype=torch.float64) * 3 + 50
+    k = torch.randn(2, 3, 40, 8, generator=gen, dtype=torch.float64)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :25] = False  # the first piece of sequence 1 holds no real token
+    kw = dict(stats="head", is_causal=True, temperature=1.0)
+    *_, whole = moment_match_with_moments(q, k, key_padding_mask=mask, **kw)
+    *_, first = moment_match_with_moments(q[:, :, :17], k[:, :, :17],
+                                          key_padding_mask=mask[:, :17], **kw)
+    *_, second = moment_match_with_moments(q[:, :, 17:], k[:, :, 17:],
+                                           key_padding_mask=mask[:, 17:], **kw)
+    merged = first.combine(second)
+    assert isinstance(merged, PrefixMoments)
+    for name in ("count", "q_mean", "q_m2", "k_mean", "k_m2"):
+        torch.testing.assert_close(getattr(merged, name), getattr(whole, name),
+                                   rtol=1e-12, atol=1e-12)
