@@ -189,7 +189,7 @@ def assert_states_close(chained, whole) -> None:
         assert_close(getattr(chained, name), getattr(whole, name))
     assert (chained.moments is None) == (whole.moments is None)
     if whole.moments is not None:
-        for name in ("count", "q_mean", "q_m2", "k_mean", "k_m2"):
+        for name in ("count", "q_sum", "q_sq_sum", "k_sum", "k_sq_sum"):
             torch.testing.assert_close(
                 getattr(chained.moments, name), getattr(whole.moments, name),
                 rtol=1e-12, atol=1e-9,

@@ -215,23 +215,21 @@ def test_statistics_are_sync_free(is_causal, masked):
         assert alpha.device.type == "meta" and alpha.shape[2] == (33 if is_causal else 1)
 
 
-def test_prefix_moments_combine_equals_one_pass():
-    """PrefixMoments.combine (Chan's merge) of two pieces = the moments of the whole."""
-    from lln.ops.moment_matching import PrefixMoments, moment_match_with_moments
-
+def test_state_continues_the_statistics_exactly_with_an_offset():
+    """Pieces chained through the state (plain float64 sums) give the one-pass scales, even
+    with a mean offset of 1e3 standard deviations and a first piece without real tokens."""
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 3, 40, 8, generator=gen, dtype=torch.float64) * 3 + 50
+    q = torch.randn(2, 3, 40, 8, generator=gen, dtype=torch.float64) * 3 + 3e3
     k = torch.randn(2, 3, 40, 8, generator=gen, dtype=torch.float64)
     mask = torch.ones(2, 40, dtype=torch.bool)
-    mask[1, :25] = False  # the first piece of sequence 1 holds no real token
+    mask[1, :25] = False
+    from lln.ops.moment_matching import moment_match_with_moments
+
     kw = dict(stats="head", is_causal=True, temperature=1.0)
-    *_, whole = moment_match_with_moments(q, k, key_padding_mask=mask, **kw)
-    *_, first = moment_match_with_moments(q[:, :, :17], k[:, :, :17],
-                                          key_padding_mask=mask[:, :17], **kw)
-    *_, second = moment_match_with_moments(q[:, :, 17:], k[:, :, 17:],
-                                           key_padding_mask=mask[:, 17:], **kw)
-    merged = first.combine(second)
-    assert isinstance(merged, PrefixMoments)
-    for name in ("count", "q_mean", "q_m2", "k_mean", "k_m2"):
-        torch.testing.assert_close(getattr(merged, name), getattr(whole, name),
-                                   rtol=1e-12, atol=1e-12)
+    a_whole, b_whole, _ = moment_match_with_moments(q, k, key_padding_mask=mask, **kw)
+    alphas, state = [], None
+    for lo, hi in ((0, 17), (17, 18), (18, 40)):
+        a, _, state = moment_match_with_moments(q[:, :, lo:hi], k[:, :, lo:hi], moments=state,
+                                                key_padding_mask=mask[:, lo:hi], **kw)
+        alphas.append(a)
+    torch.testing.assert_close(torch.cat(alphas, 2), a_whole, rtol=1e-9, atol=0)

@@ -25,7 +25,8 @@ when ``D < 16``) uses the mean square about zero instead of the variance (see th
 
 Numerics: per-token moments are sums and sums of squares about the token's first entry
 (compute dtype), merged over tokens in float64 in Welford/Chan form: a mean offset costs no
-precision; finite for ``|x| <= 1e18`` in float32/bf16/fp16 and ~1e150 in float64.
+precision; finite for ``|x| <= 1e18`` in float32/bf16/fp16 and ~1e150 in float64. (The
+state between calls keeps plain float64 sums: see :class:`PrefixMoments`.)
 Non-causal moments are one fused, chunked pass of shifted, power-of-two scaled sums (finite
 for ``|x| <= 1e37`` in float32). See docs/numerics.md.
 
@@ -87,20 +88,22 @@ MIN_COUNT = 16
 
 @dataclass
 class PrefixMoments:
-    """Running statistics of the entries of q and k seen so far, per ``(batch, stats group)``.
+    """Running sums of the entries of q and k seen so far, per ``(batch, stats group)``.
 
     All tensors have shape ``(B, G)`` in float64, with ``G = H`` for ``stats="head"`` and
     ``G = 1`` for ``stats="sequence"``. ``count`` is the number of entries (tokens x dims,
-    times heads in ``"sequence"`` mode) seen; ``*_mean`` their mean and ``*_m2`` the sum of
-    their squared deviations from that mean (Welford / Chan form: no cancellation however
-    large the mean). Merge two adjacent pieces with :meth:`combine`.
+    times heads in ``"sequence"`` mode) that entered the sums. Plain sums, so the moments of
+    two adjacent pieces add up. Inside one call the statistics are computed in shifted
+    (Welford/Chan) form and only the totals are stored: the float64 cancellation
+    ``sq_sum - sum^2 / count`` at a call boundary costs ``1e-16 * (mean / std)^2`` relative
+    precision (1e-8 at a mean offset of 1e4 standard deviations).
     """
 
     count: Tensor
-    q_mean: Tensor
-    q_m2: Tensor
-    k_mean: Tensor
-    k_m2: Tensor
+    q_sum: Tensor
+    q_sq_sum: Tensor
+    k_sum: Tensor
+    k_sq_sum: Tensor
 
     @classmethod
     def zeros(cls, batch: int, groups: int, device: torch.device) -> PrefixMoments:
@@ -108,21 +111,6 @@ class PrefixMoments:
             return torch.zeros(batch, groups, dtype=torch.float64, device=device)
 
         return cls(z(), z(), z(), z(), z())
-
-    def combine(self, later: PrefixMoments) -> PrefixMoments:
-        """The moments of this piece followed by ``later`` (Chan et al.'s parallel merge)."""
-        n = self.count + later.count
-        w = later.count / n.clamp_min(1)
-        fields_ = [n]
-        for m_a, s_a, m_b, s_b in (
-            (self.q_mean, self.q_m2, later.q_mean, later.q_m2),
-            (self.k_mean, self.k_m2, later.k_mean, later.k_m2),
-        ):
-            delta = torch.where(later.count > 0, m_b - m_a, 0.0)
-            delta = torch.where(self.count > 0, delta, 0.0)
-            mean = torch.where(self.count > 0, m_a + delta * w, m_b)
-            fields_ += [mean, s_a + s_b + delta.square() * self.count * w]
-        return PrefixMoments(*fields_)
 
 
 def moment_constants(head_dim: int) -> tuple[float, float]:
@@ -343,19 +331,22 @@ def head_variances(x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
 
 
 def _prefix_variance(
-    x: Tensor, mask: Tensor | None, stats: str, count0: Tensor, mean0: Tensor, m2_0: Tensor
+    x: Tensor, mask: Tensor | None, stats: str, count0: Tensor, sum0: Tensor, sq_sum0: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token sigma^2 (:func:`_variance`) of the entries at positions ``<= t``.
 
-    Returns ``(var (B, G, N, 1), count, mean, M2)`` with the moments ``(B, G)`` after the
-    last token, continuing from ``(count0, mean0, m2_0)``. The running sums are float64 and
-    shifted by the prefix mean of the state (or the mean of the first real token): token
-    ``t`` only ever enters the statistics of tokens ``>= t``, so a huge or non-finite token
-    cannot reach earlier ones.
+    Returns ``(var (B, G, N, 1), count, sum, sq_sum)`` with the sums ``(B, G)`` after the
+    last token, continuing from ``count0``, ``sum0``, ``sq_sum0``. The running moments are
+    float64 and shifted by the prefix mean of the state (or the mean of the first real
+    token): token ``t`` only ever enters the statistics of tokens ``>= t``, so a huge or
+    non-finite token cannot reach earlier ones.
     """
     cnt, mean, m2 = _token_moments(x, mask, stats)
+    has = count0 > 0
+    mean0 = torch.where(has, sum0 / count0.clamp_min(1), 0.0)
+    m2_0 = torch.where(has, (sq_sum0 - sum0 * mean0).clamp_min(0), 0.0)
     first = (cnt > 0).to(torch.uint8).argmax(-1, keepdim=True)
-    shift = torch.where(count0[..., None] > 0, mean0[..., None], mean.gather(-1, first))
+    shift = torch.where(has[..., None], mean0[..., None], mean.gather(-1, first))
     dev = torch.where(cnt > 0, mean - shift, 0.0)
     a = (cnt * dev).cumsum(-1)
     cn = count0[..., None] + cnt.cumsum(-1)
@@ -364,7 +355,9 @@ def _prefix_variance(
     m2_t = m2_0[..., None] + m2.cumsum(-1) + ((cnt * dev.square()).cumsum(-1) - a * a * inv)
     m2_t = m2_t.clamp_min(0)
     var = _variance(cn, mean_t, m2_t)
-    return var[..., None], cn[..., -1], mean_t[..., -1], m2_t[..., -1]
+    n, mu, m2_n = cn[..., -1], mean_t[..., -1], m2_t[..., -1]
+    total = torch.where(n > 0, n * mu, 0.0)
+    return var[..., None], n, total, torch.where(n > 0, m2_n + total * mu, 0.0)
 
 
 @torch.no_grad()
@@ -397,14 +390,14 @@ def moment_match_with_moments(
     groups = q.shape[1] if stats == "head" else 1
     if moments is None:
         moments = PrefixMoments.zeros(q.shape[0], groups, q.device)
-    var_q, count, q_mean, q_m2 = _prefix_variance(
-        q, key_padding_mask, stats, moments.count, moments.q_mean, moments.q_m2
+    var_q, count, q_sum, q_sq = _prefix_variance(
+        q, key_padding_mask, stats, moments.count, moments.q_sum, moments.q_sq_sum
     )
-    var_k, _, k_mean, k_m2 = _prefix_variance(
-        k, key_padding_mask, stats, moments.count, moments.k_mean, moments.k_m2
+    var_k, _, k_sum, k_sq = _prefix_variance(
+        k, key_padding_mask, stats, moments.count, moments.k_sum, moments.k_sq_sum
     )
     alpha, beta = scales_from_variances(var_q, var_k, temperature=temperature, a=a, b=b)
-    return alpha.to(cdt), beta.to(cdt), PrefixMoments(count, q_mean, q_m2, k_mean, k_m2)
+    return alpha.to(cdt), beta.to(cdt), PrefixMoments(count, q_sum, q_sq, k_sum, k_sq)
 
 
 def moment_match(
