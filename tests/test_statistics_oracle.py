@@ -233,3 +233,15 @@ def test_state_continues_the_statistics_exactly_with_an_offset():
                                                 key_padding_mask=mask[:, lo:hi], **kw)
         alphas.append(a)
     torch.testing.assert_close(torch.cat(alphas, 2), a_whole, rtol=1e-9, atol=0)
+
+
+def test_variance_from_sums_follows_the_ops_rule():
+    from lln.ops.moment_matching import variance_from_sums
+
+    x = torch.tensor([3.0, 5.0, 4.0, 8.0] * 5, dtype=torch.float64)  # 20 entries
+    for n in (0, 1, 4, 15, 16, 20):
+        e = x[:n]
+        got = variance_from_sums(torch.tensor(float(n), dtype=torch.float64), e.sum(),
+                                 e.square().sum())
+        want = 1.0 if n == 0 else (e.var() if n >= 16 else e.square().mean())
+        assert float(got) == pytest.approx(float(want), rel=1e-12)

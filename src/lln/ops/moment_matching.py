@@ -208,6 +208,17 @@ def _variance(count: Tensor, mean: Tensor, m2: Tensor) -> Tensor:
     return torch.where(count > 0, var, torch.ones_like(var))
 
 
+def variance_from_sums(count: Tensor, total: Tensor, sq_total: Tensor) -> Tensor:
+    """sigma^2 from plain float64 sums (as in :class:`PrefixMoments`), with the same rule as
+    every op: unbiased variance, mean square below :data:`MIN_COUNT` entries, 1 for none.
+
+    For code that keeps its own running sums (e.g. a one-token decode step), so that it
+    gives the chunked path's scales; feed the result to :func:`scales_from_variances`.
+    """
+    mean = total / count.clamp_min(1)
+    return _variance(count, mean, (sq_total - total * mean).clamp_min(0))
+
+
 #: Bytes of q or k the per-token statistics read per step (keeps the temporaries in cache).
 _STATS_CHUNK_BYTES = 1 << 21
 
