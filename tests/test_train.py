@@ -263,7 +263,6 @@ def test_task_variants_train_with_their_base_recipe():
         TrainConfig(task="mqar-1x1", attn="lln").resolved()
 
 
-@pytest.mark.slow
 def test_resume_after_a_real_kill(tmp_path):
     """SIGKILL a `lln train` process mid-run (possibly mid-checkpoint), resume it, and get the
     metrics and parameters of an uninterrupted run exactly."""

@@ -8,15 +8,19 @@ draws ``w_1..w_M`` (the rows of a ``projection (M, D)``), the features::
 
 give an unbiased estimate ``phi(q_i) . phi(k_j)`` of the softmax kernel
 ``exp(scale q_i . k_j)``, and attention ``P_ij ∝ phi(q_i) . phi(k_j)`` runs in linear time
-through :func:`lln.ops.elu.linear_attention`. The rows of W are drawn in orthogonal blocks
+(see "Stabilisation"). The rows of W are drawn in orthogonal blocks
 of D (QR of a Gaussian matrix), each row rescaled to the norm of an independent Gaussian
 vector, so every row is still marginally ``N(0, I_D)`` (unbiased) with lower variance.
 
-Stabilisation, exact and without look-ahead: the query features are divided by their own
-row max (it cancels in the ratio), and each key's features by their own max, which is
-handed to the engine as a log-scale (``k_log_scale``); the engine carries it with a running
-max, so a causal output never depends on later tokens. No eps is added to the features
-(the authors' code adds 1e-4, a bias).
+Stabilisation, exact and without look-ahead: ``phi(q_i).phi(k_j) = sum_m exp(a_im + b_jm)
+/ M`` with the feature logits ``a = W q' - |q'|^2/2``, ``b = W k' - |k'|^2/2``, which is the
+LLN kernel with ``alpha = beta = 1`` on ``(a, b)``: it runs through
+:func:`lln.lln_attention`, whose per-feature key offsets (a running max when causal) and
+per-row query offsets keep every exponent <= 0 and never look ahead. (Per-key offsets
+alone, as before, zeroed rows in float32 from sigma ~ 20: a row's best feature need not be
+its keys' best.) Where float32 still cannot hold a row (feature logits more than ~80 apart
+inside one causal chunk, sigma >~ 30 at D = 16) the LLN kernel warns and sets the row to 0;
+use float64 there. No eps is added to the features (the authors' code adds 1e-4, a bias).
 
 **Redraw.** ``projection=None`` draws a fresh projection on every call (from ``generator``,
 or from ``seed``, or from the global torch RNG): that is FAVOR+ with redraw at every step.
@@ -45,7 +49,7 @@ from ._validation import (
     compute_dtype,
 )
 from .block_diag import masked_softmax
-from .elu import linear_attention
+from .lln import lln_attention
 from .naive import visible_keys
 
 #: Query rows per step of the log-space oracle (bounds its memory to rows * S * M numbers).
@@ -193,13 +197,13 @@ def performer_attention(
     cdt = compute_dtype(q.dtype)
     q_logits = _feature_logits(q.to(cdt), proj, scale)
     k_logits = _feature_logits(k.to(cdt), proj, scale)
-    with torch.no_grad():  # offsets cancel exactly: no gradient
-        q_max = q_logits.amax(-1, keepdim=True)
-        k_max = k_logits.amax(-1)  # (B, H, S), one per key: no look-ahead
-    out = linear_attention(
-        torch.exp(q_logits - q_max), torch.exp(k_logits - k_max.unsqueeze(-1)), v.to(cdt),
-        is_causal=is_causal, key_padding_mask=key_padding_mask, k_log_scale=k_max, eps=eps,
-        chunk_size=chunk_size,
+    # sum_m exp(a_im + b_jm) is the LLN kernel on the feature logits with alpha = beta = 1:
+    # its per-feature key offsets (running max when causal) keep every row's denominator
+    # >= 1 wherever the float range allows, instead of per-key offsets that zero a row when
+    # its best feature is not its keys' best feature (sigma ~ 20-30 in float32)
+    out = lln_attention(
+        q_logits, k_logits, v.to(cdt), is_causal=is_causal, key_padding_mask=key_padding_mask,
+        alpha=1.0, beta=1.0, eps=eps, chunk_size=chunk_size,
     )
     return out.to(v.dtype)
 
