@@ -7,12 +7,38 @@ was expected, so bad input never turns into a silent NaN deep inside a kernel.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+_DEBUG = False
+
+
+def set_debug(enabled: bool) -> None:
+    """Turn the ops' data-dependent checks on or off (default: off).
+
+    The ops never read tensor values on the host by default, so they add no host-device
+    synchronisation and compile without graph breaks. With debug on they also check:
+
+    * tensor ``alpha`` / ``beta`` are > 0 and finite, tensor mixing weights are finite
+      (Python floats are always checked: that costs nothing);
+    * causal rows whose every term underflowed are reported with a ``RuntimeWarning`` on
+      every device (without debug: on CPU only, where reading the count needs no device
+      sync, and not inside ``torch.compile``).
+
+    Each check reads a tensor on the host, so debug mode synchronises once per check.
+    """
+    global _DEBUG
+    _DEBUG = check_bool(enabled, "enabled")
+
+
+def debug_enabled() -> bool:
+    """Whether :func:`set_debug` turned the data-dependent checks on."""
+    return _DEBUG
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -122,6 +148,9 @@ def broadcast_param(
     """Turn a float or a tensor broadcastable to ``shape`` into a tensor of that rank.
 
     Gradients flow through tensor values (so alpha/beta or mixing weights can be learned).
+    Python floats must be finite (and > 0 when ``positive``); the values of a tensor are
+    checked only in debug mode (:func:`set_debug`), since reading them would synchronise
+    with the device on every call. Shape, dtype and device are always checked.
     """
     if isinstance(value, Tensor):
         if not value.is_floating_point():
@@ -136,15 +165,23 @@ def broadcast_param(
             )
         if value.device != device:
             raise ValueError(f"{name} must be on {device}, got {value.device}")
-        if positive and not bool((value > 0).all()):
-            raise ValueError(f"{name} must be > 0 everywhere, got min {value.min().item()!r}")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name} must be finite")
-        return value.to(dtype).reshape((1,) * (len(shape) - value.dim()) + tuple(value.shape))
+        if _DEBUG:
+            if positive and not bool((value > 0).all()):
+                raise ValueError(f"{name} must be > 0 everywhere, got min {value.min().item()!r}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be finite")
+        if value.dtype != dtype:
+            value = value.to(dtype)
+        if value.dim() < len(shape):
+            value = value.reshape((1,) * (len(shape) - value.dim()) + tuple(value.shape))
+        return value
     if positive:
         value = check_positive_float(value, name)
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    else:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite float, got {float(value)!r}")
     return torch.full((1,) * len(shape), float(value), dtype=dtype, device=device)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from ._validation import broadcast_param, check_qkv, compute_dtype
 from .block_diag import block_diag_forward, check_block_args
 from .lln import _reference, check_lln_args, lln_forward, segment_runner, warn_lost_rows
+from .recurrent import lln_diag_step, takes_step_path
 from .state import LLNState
 
 #: Tokens per piece of the causal path (see ``lln_diag_attention``).
@@ -96,6 +97,11 @@ def lln_diag_attention(
         return out.to(v.dtype)
     if not is_causal:
         return _lln_diag_piece(q, k, v, mask, None, **parts)[0].to(v.dtype)  # (lost = 0)
+    if takes_step_path(n, is_causal, initial_state):  # decoding: the recurrent path
+        del parts["is_causal"], parts["chunk_size"]
+        out, state = lln_diag_step(q, k, v, mask, initial_state, **parts)
+        out = out.to(v.dtype)
+        return (out, state) if output_final_state else out
     if not _reference.active:
         # Causal: the LLN part is one autograd Function that works segment by segment (see
         # lln.ops.lln_function), the diagonal part one fused SDPA call over whole blocks (or
@@ -208,7 +214,7 @@ def _lln_diag_piece(
         k = torch.cat([state.block_k.to(k.dtype), k], 2)
         v = torch.cat([state.block_v.to(v.dtype), v], 2)
         real = torch.cat([state.block_mask, real], 1)
-        mask = None if mask is None and bool(real.all()) else real  # None: the fused path
+        mask = real  # (whether any is padded is data: no host read to pick the fused path)
     diag_out = block_diag_forward(
         q, k, v, mask, block_size=block_size, is_causal=is_causal, scale=scale
     )[:, :, carried:]
