@@ -30,8 +30,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._validation import broadcast_param, compute_dtype
 from .block_diag import masked_softmax
-from .lln import _safe_divide, feature_scales
+from .moment_matching import PrefixMoments, resolve_constants, scales_from_variances
 from .state import LLNState
 
 #: Longest query block (tokens) that takes the step path when a state is given.
@@ -48,6 +49,55 @@ def _floor(x: Tensor) -> Tensor:
     """``x`` with -inf (no key seen yet) replaced by the lowest finite value, so that
     ``y - x`` stays defined: ``exp(-inf - lowest) = 0`` where nothing was seen."""
     return x.clamp_min(torch.finfo(x.dtype).min)
+
+
+@torch.no_grad()
+def step_moments(
+    q: Tensor,
+    k: Tensor,
+    mask: Tensor | None,
+    moments: PrefixMoments | None,
+    *,
+    stats: str,
+    temperature: float,
+    constants: str,
+) -> tuple[Tensor, Tensor, PrefixMoments]:
+    """Causal moment matching of a short block continuing ``moments``: the prefix
+    statistics of :func:`lln.ops.moment_matching.moment_match_with_moments` (same sums,
+    same unbiased variance, same scales) with q and k stacked into one pass, per-token sums
+    in float64. Returns ``(alpha, beta)`` of shape ``(B, G, L, 1)`` in the compute dtype and
+    the moments after the block."""
+    b, h, n, d = q.shape
+    fit_a, fit_b = resolve_constants(constants, d)
+    x = torch.stack((q, k)).double()  # (2, B, H, L, D)
+    s1, s2 = x.sum(-1), torch.linalg.vecdot(x, x)  # (2, B, H, L)
+    cnt: Tensor | float = float(d)
+    if mask is not None:
+        real = mask[:, None, :]  # (B, 1, L)
+        s1, s2 = torch.where(real, s1, 0.0), torch.where(real, s2, 0.0)
+        cnt = real.double() * d
+    if stats == "sequence":
+        s1, s2, cnt = s1.sum(2, keepdim=True), s2.sum(2, keepdim=True), cnt * h
+    if n > 1:
+        s1, s2 = s1.cumsum(-1), s2.cumsum(-1)
+        if isinstance(cnt, Tensor):
+            cnt = cnt.cumsum(-1)
+        else:
+            cnt = torch.arange(1, n + 1, dtype=torch.float64, device=q.device) * cnt
+    if moments is None:
+        moments = PrefixMoments.zeros(b, h if stats == "head" else 1, q.device)
+    c1 = torch.stack((moments.q_sum, moments.k_sum)).unsqueeze(-1) + s1  # (2, B, G, L)
+    c2 = torch.stack((moments.q_sq_sum, moments.k_sq_sum)).unsqueeze(-1) + s2
+    cn = moments.count.unsqueeze(-1) + cnt  # (B, G, L)
+    var = (c2 - c1.square() / cn.clamp_min(1)) / (cn - 1).clamp_min(1)
+    if mask is not None:  # nothing real yet: a neutral variance (as the chunked path)
+        var = torch.where(cn > 0, var, 1.0)
+    alpha, beta = scales_from_variances(var[0], var[1], temperature=temperature, a=fit_a,
+                                        b=fit_b)
+    cdt = compute_dtype(q.dtype)
+    after = PrefixMoments(cn[..., -1], c1[0, ..., -1], c2[0, ..., -1], c1[1, ..., -1],
+                          c2[1, ..., -1])
+    return alpha.unsqueeze(-1).to(cdt), beta.unsqueeze(-1).to(cdt), after
 
 
 def lln_step(
@@ -69,11 +119,19 @@ def lln_step(
     continuing ``state``. Returns ``(out (B, H, L, Dv) in the compute dtype, new state)``;
     the ``block_*`` fields of the new state are left for LLN+Diag to fill."""
     cdt = state.kv.dtype
-    n = q.shape[2]
-    alpha_t, beta_t, moments = feature_scales(
-        q, k, is_causal=True, key_padding_mask=mask, alpha=alpha, beta=beta, stats=stats,
-        temperature=temperature, state=state, constants=constants,
-    )
+    b, h, n, _ = q.shape
+    if alpha is None:
+        alpha_t, beta_t, moments = step_moments(
+            q, k, mask, state.moments, stats=stats, temperature=temperature,
+            constants=constants,
+        )
+    else:
+        shape = (b, h, 1, 1)
+        alpha_t = broadcast_param(alpha, "alpha", shape, dtype=cdt, device=q.device,
+                                  positive=True)
+        beta_t = broadcast_param(beta, "beta", shape, dtype=cdt, device=q.device,
+                                 positive=True)
+        moments = None
     qs = q.to(cdt) * alpha_t
     ks = k.to(cdt) * beta_t
     vc = v.to(cdt)
@@ -91,12 +149,12 @@ def lln_step(
         # fold the key in, then read the updated state: its offsets are exactly m
         kv = torch.addcmul(state.kv * decay.unsqueeze(-1), inject.transpose(-1, -2), vc)
         k_sum = torch.addcmul(inject.squeeze(2), state.k_sum, decay)
-        q_plus = qs + m.detach()
+        q_plus = qs + m
         with torch.no_grad():
             mu = _floor(q_plus.amax(-1, keepdim=True))
         q_feat = torch.exp(q_plus - mu)  # (B, H, 1, D)
         num = q_feat @ kv
-        den = (q_feat @ k_sum.unsqueeze(-1)).squeeze(-1)
+        den = q_feat @ k_sum.unsqueeze(-1)  # (B, H, 1, 1)
     else:
         with torch.no_grad():
             mu = _floor((qs + m).amax(-1, keepdim=True))  # (B, H, L, 1)
@@ -109,10 +167,14 @@ def lln_step(
         future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
         weights = logits.masked_fill(future[:, :, None], NEG_INF).exp().sum(-1)
         num = num + weights @ vc
-        den = den + weights.sum(-1)
+        den = (den + weights.sum(-1)).unsqueeze(-1)
         kv = state.kv * decay.unsqueeze(-1) + inject.transpose(-1, -2) @ vc
         k_sum = torch.addcmul(inject.sum(2), state.k_sum, decay)
-    out = _safe_divide(num, den, eps)
+    if eps:
+        den = den + eps
+    # den >= 1 wherever a key is visible (the dim reaching mu holds a term exp(0) = 1), and
+    # num = den = 0 where none is: the floor only turns 0 / 0 into 0
+    out = num / den.clamp_min(torch.finfo(cdt).tiny)
     new_state = LLNState(
         kv=kv, k_sum=k_sum, k_max=new_max, position=state.position + n,
         stats=None if alpha is not None else stats, moments=moments, block_size=block_size,
