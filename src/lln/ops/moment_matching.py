@@ -172,7 +172,7 @@ def _whole_variance(x: Tensor, mask: Tensor | None, stats: str) -> Tensor:
     dims = {"tensor": (0, 1, 2, 3), "sequence": (1, 2, 3), "head": (2, 3)}[stats]
     x = x.to(compute_dtype(x.dtype))
     if mask is None:
-        count = math.prod(x.shape[d] for d in dims)
+        count = math.prod([x.shape[d] for d in dims])  # (a list: compiles)
         # one entry has no spread: variance 0 (floored later), not NaN
         return x.var(dim=dims, keepdim=True, correction=1 if count > 1 else 0)
     w = mask[:, None, :, None].to(x.dtype)  # (B, 1, N, 1)
