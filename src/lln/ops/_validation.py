@@ -136,7 +136,7 @@ def check_nonnegative_float(value: object, name: str) -> float:
     return value
 
 
-def broadcast_param(
+def check_param(
     value: float | Tensor,
     name: str,
     shape: tuple[int, ...],
@@ -144,10 +144,10 @@ def broadcast_param(
     dtype: torch.dtype,
     device: torch.device,
     positive: bool,
-) -> Tensor:
-    """Turn a float or a tensor broadcastable to ``shape`` into a tensor of that rank.
+) -> float | Tensor:
+    """A checked scale or weight: a Python float as a ``float``, a tensor broadcastable to
+    ``shape`` in ``dtype`` with that rank (gradients flow through it).
 
-    Gradients flow through tensor values (so alpha/beta or mixing weights can be learned).
     Python floats must be finite (and > 0 when ``positive``); the values of a tensor are
     checked only in debug mode (:func:`set_debug`), since reading them would synchronise
     with the device on every call. Shape, dtype and device are always checked.
@@ -176,13 +176,29 @@ def broadcast_param(
             value = value.reshape((1,) * (len(shape) - value.dim()) + tuple(value.shape))
         return value
     if positive:
-        value = check_positive_float(value, name)
-    else:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite float, got {float(value)!r}")
-    return torch.full((1,) * len(shape), float(value), dtype=dtype, device=device)
+        return check_positive_float(value, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {float(value)!r}")
+    return float(value)
+
+
+def broadcast_param(
+    value: float | Tensor,
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    positive: bool,
+) -> Tensor:
+    """:func:`check_param` as a tensor of the rank of ``shape`` (floats become one-element
+    tensors)."""
+    value = check_param(value, name, shape, dtype=dtype, device=device, positive=positive)
+    if isinstance(value, Tensor):
+        return value
+    return torch.full((1,) * len(shape), value, dtype=dtype, device=device)
 
 
 def check_is_causal(is_causal: object) -> bool:

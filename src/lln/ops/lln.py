@@ -62,6 +62,7 @@ from .moment_matching import (
     moment_match_with_moments,
     resolve_constants,
 )
+from .recurrent import lln_step, takes_step_path
 from .state import LLNState
 
 NEG_INF = float("-inf")
@@ -625,8 +626,6 @@ def lln_attention(
         initial_state=initial_state, output_final_state=output_final_state, block_size=None,
         constants=constants, checkpoint=checkpoint,
     )
-    from .recurrent import lln_step, takes_step_path  # (imports this module)
-
     if takes_step_path(q.shape[2], is_causal, initial_state):  # decoding: the recurrent path
         out, state = lln_step(
             q, k, v, mask, initial_state, alpha=alpha, beta=beta, stats=stats,

@@ -70,6 +70,14 @@ def lln_diag_attention(
         initial_state=initial_state, output_final_state=output_final_state,
         block_size=block_size, constants=constants, checkpoint=checkpoint,
     )
+    if takes_step_path(q.shape[2], is_causal, initial_state):  # decoding: the recurrent path
+        out, state = lln_diag_step(
+            q, k, v, mask, initial_state, alpha=alpha, beta=beta, stats=stats,
+            temperature=temperature, constants=constants, eps=eps, block_size=block_size,
+            scale=scale, lln_weight=lln_weight, diag_weight=diag_weight,
+        )
+        out = out.to(v.dtype)
+        return (out, state) if output_final_state else out
     b, h, n, _ = q.shape
     cdt = compute_dtype(q.dtype)
     weight_shape = (b, h, 1, v.shape[-1])
@@ -97,11 +105,6 @@ def lln_diag_attention(
         return out.to(v.dtype)
     if not is_causal:
         return _lln_diag_piece(q, k, v, mask, None, **parts)[0].to(v.dtype)  # (lost = 0)
-    if takes_step_path(n, is_causal, initial_state):  # decoding: the recurrent path
-        del parts["is_causal"], parts["chunk_size"]
-        out, state = lln_diag_step(q, k, v, mask, initial_state, **parts)
-        out = out.to(v.dtype)
-        return (out, state) if output_final_state else out
     if not _reference.active:
         # Causal: the LLN part is one autograd Function that works segment by segment (see
         # lln.ops.lln_function), the diagonal part one fused SDPA call over whole blocks (or

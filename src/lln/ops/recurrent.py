@@ -30,9 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validation import broadcast_param, compute_dtype
-from .block_diag import masked_softmax
-from .moment_matching import PrefixMoments, resolve_constants, scales_from_variances
+from ._validation import check_param, compute_dtype
+from .moment_matching import MIN_VARIANCE, PrefixMoments, resolve_constants
 from .state import LLNState
 
 #: Longest query block (tokens) that takes the step path when a state is given.
@@ -45,13 +44,18 @@ def takes_step_path(n: int, is_causal: bool, initial_state: LLNState | None) -> 
     return is_causal and initial_state is not None and n <= STEP_MAX_TOKENS
 
 
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, without the call when it has that dtype (a step is made of tiny ops:
+    every dispatch counts)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _floor(x: Tensor) -> Tensor:
     """``x`` with -inf (no key seen yet) replaced by the lowest finite value, so that
     ``y - x`` stays defined: ``exp(-inf - lowest) = 0`` where nothing was seen."""
     return x.clamp_min(torch.finfo(x.dtype).min)
 
 
-@torch.no_grad()
 def step_moments(
     q: Tensor,
     k: Tensor,
@@ -64,12 +68,13 @@ def step_moments(
 ) -> tuple[Tensor, Tensor, PrefixMoments]:
     """Causal moment matching of a short block continuing ``moments``: the prefix
     statistics of :func:`lln.ops.moment_matching.moment_match_with_moments` (same sums,
-    same unbiased variance, same scales) with q and k stacked into one pass, per-token sums
-    in float64. Returns ``(alpha, beta)`` of shape ``(B, G, L, 1)`` in the compute dtype and
-    the moments after the block."""
+    same unbiased variance, same :func:`scales_from_variances`) with q and k stacked into
+    one pass and per-token sums in float64. Returns ``(alpha, beta)`` of shape
+    ``(B, G, L, 1)`` in the compute dtype and the moments after the block, without
+    gradient (as the chunked path)."""
     b, h, n, d = q.shape
     fit_a, fit_b = resolve_constants(constants, d)
-    x = torch.stack((q, k)).double()  # (2, B, H, L, D)
+    x = torch.stack((q.detach(), k.detach())).double()  # (2, B, H, L, D)
     s1, s2 = x.sum(-1), torch.linalg.vecdot(x, x)  # (2, B, H, L)
     cnt: Tensor | float = float(d)
     if mask is not None:
@@ -86,18 +91,30 @@ def step_moments(
             cnt = torch.arange(1, n + 1, dtype=torch.float64, device=q.device) * cnt
     if moments is None:
         moments = PrefixMoments.zeros(b, h if stats == "head" else 1, q.device)
-    c1 = torch.stack((moments.q_sum, moments.k_sum)).unsqueeze(-1) + s1  # (2, B, G, L)
-    c2 = torch.stack((moments.q_sq_sum, moments.k_sq_sum)).unsqueeze(-1) + s2
+    # sums after each token: (4, B, G, L) = q, k, q^2, k^2; count (B, G, L)
+    prev = torch.stack((moments.q_sum, moments.k_sum, moments.q_sq_sum, moments.k_sq_sum))
+    sums = prev.unsqueeze(-1) + torch.cat((s1, s2))  # (4, B, G, L): q, k, q^2, k^2
     cn = moments.count.unsqueeze(-1) + cnt  # (B, G, L)
-    var = (c2 - c1.square() / cn.clamp_min(1)) / (cn - 1).clamp_min(1)
-    if mask is not None:  # nothing real yet: a neutral variance (as the chunked path)
-        var = torch.where(cn > 0, var, 1.0)
-    alpha, beta = scales_from_variances(var[0], var[1], temperature=temperature, a=fit_a,
-                                        b=fit_b)
-    cdt = compute_dtype(q.dtype)
-    after = PrefixMoments(cn[..., -1], c1[0, ..., -1], c2[0, ..., -1], c1[1, ..., -1],
-                          c2[1, ..., -1])
-    return alpha.unsqueeze(-1).to(cdt), beta.unsqueeze(-1).to(cdt), after
+    c1, c2 = sums[:2], sums[2:]
+    if mask is None and d > 1:  # cn >= d >= 2: the clamps below change nothing
+        var = (c2 - c1.square() / cn) / (cn - 1)  # (2, B, G, L): q, k
+    else:
+        var = (c2 - c1.square() / cn.clamp_min(1)) / (cn - 1).clamp_min(1)
+        var = torch.where(cn > 0, var, 1.0)  # nothing real yet: neutral (as chunked)
+    scales = stacked_scales(var, temperature=temperature, a=fit_a, b=fit_b)
+    alpha, beta = scales.to(compute_dtype(q.dtype)).unsqueeze(-1).unbind(0)
+    q_sum, k_sum, q_sq, k_sq = sums[..., -1].unbind(0)
+    return alpha, beta, PrefixMoments(cn[..., -1], q_sum, q_sq, k_sum, k_sq)
+
+
+def stacked_scales(var: Tensor, *, temperature: float, a: float, b: float) -> Tensor:
+    """:func:`lln.ops.moment_matching.scales_from_variances` of ``var = stack((var_q,
+    var_k))``, returned stacked as ``(alpha, beta)``: the same formula in half the ops."""
+    var = var.clamp_min(MIN_VARIANCE)
+    sigma_tilde = ((var.prod(0) - b) / (2 * a)).clamp_min(MIN_VARIANCE).sqrt()
+    if temperature != 1.0:
+        sigma_tilde = sigma_tilde / temperature
+    return sigma_tilde / var.sqrt()
 
 
 def lln_step(
@@ -125,51 +142,49 @@ def lln_step(
             q, k, mask, state.moments, stats=stats, temperature=temperature,
             constants=constants,
         )
-    else:
+    else:  # floats stay Python numbers (no tensor to make per step)
         shape = (b, h, 1, 1)
-        alpha_t = broadcast_param(alpha, "alpha", shape, dtype=cdt, device=q.device,
-                                  positive=True)
-        beta_t = broadcast_param(beta, "beta", shape, dtype=cdt, device=q.device,
-                                 positive=True)
+        alpha_t = check_param(alpha, "alpha", shape, dtype=cdt, device=q.device, positive=True)
+        beta_t = check_param(beta, "beta", shape, dtype=cdt, device=q.device, positive=True)
         moments = None
-    qs = q.to(cdt) * alpha_t
-    ks = k.to(cdt) * beta_t
-    vc = v.to(cdt)
+    qs = _as(q, cdt) * alpha_t
+    ks = _as(k, cdt) * beta_t
+    vc = _as(v, cdt)
     if mask is not None:  # padded keys: exact zeros everywhere (exp(-inf))
         ks = ks.masked_fill(~mask[:, None, :, None], NEG_INF)
     k_max = state.k_max
-    with torch.no_grad():  # offsets: any value gives the same output, so no gradient
-        run = ks if n == 1 else ks.cummax(2).values
-        m = torch.maximum(run, k_max.unsqueeze(2))  # (B, H, L, D), -inf: no key yet
-        new_max = m[:, :, -1]
-        ref = _floor(new_max)
-        decay = torch.exp(k_max - ref)  # 0 where the state had no key
+    # offsets (from detached values): any value gives the same output, so no gradient
+    run = ks.detach() if n == 1 else ks.detach().cummax(2).values
+    m = torch.maximum(run, k_max.unsqueeze(2))  # (B, H, L, D), -inf: no key yet
+    new_max = m[:, :, -1]
+    ref = _floor(new_max)
+    decay = torch.exp(k_max - ref).unsqueeze(-1)  # 0 where the state had no key
     inject = torch.exp(ks - ref.unsqueeze(2))  # (B, H, L, D), <= 1
     if n == 1:
         # fold the key in, then read the updated state: its offsets are exactly m
-        kv = torch.addcmul(state.kv * decay.unsqueeze(-1), inject.transpose(-1, -2), vc)
-        k_sum = torch.addcmul(inject.squeeze(2), state.k_sum, decay)
+        inject = inject.transpose(-1, -2)  # (B, H, D, 1)
+        kv = torch.addcmul(state.kv * decay, inject, vc)
+        k_sum = torch.addcmul(inject, state.k_sum.unsqueeze(-1), decay)  # (B, H, D, 1)
         q_plus = qs + m
-        with torch.no_grad():
-            mu = _floor(q_plus.amax(-1, keepdim=True))
+        mu = _floor(q_plus.detach().amax(-1, keepdim=True))
         q_feat = torch.exp(q_plus - mu)  # (B, H, 1, D)
         num = q_feat @ kv
-        den = q_feat @ k_sum.unsqueeze(-1)  # (B, H, 1, 1)
+        den = q_feat @ k_sum  # (B, H, 1, 1)
+        k_sum = k_sum.squeeze(-1)
     else:
-        with torch.no_grad():
-            mu = _floor((qs + m).amax(-1, keepdim=True))  # (B, H, L, 1)
-            state_offset = k_max.unsqueeze(2) - mu
+        mu = _floor((qs.detach() + m).amax(-1, keepdim=True))  # (B, H, L, 1)
+        state_offset = k_max.unsqueeze(2) - mu
         q_state = torch.exp(qs + state_offset)  # (B, H, L, D), 0 where no past key
         num = q_state @ state.kv
-        den = (q_state @ state.k_sum.unsqueeze(-1)).squeeze(-1)
+        den = q_state @ state.k_sum.unsqueeze(-1)  # (B, H, L, 1)
         # the block itself, exactly: exp(qs_id + ks_jd - mu_i) summed over d, j <= i
         logits = qs.unsqueeze(3) + ks.unsqueeze(2) - mu.unsqueeze(-1)  # (B, H, L, L, D)
         future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
         weights = logits.masked_fill(future[:, :, None], NEG_INF).exp().sum(-1)
         num = num + weights @ vc
-        den = (den + weights.sum(-1)).unsqueeze(-1)
-        kv = state.kv * decay.unsqueeze(-1) + inject.transpose(-1, -2) @ vc
-        k_sum = torch.addcmul(inject.sum(2), state.k_sum, decay)
+        den = den + weights.sum(-1, keepdim=True)
+        kv = torch.addcmul(inject.transpose(-1, -2) @ vc, state.kv, decay)
+        k_sum = torch.addcmul(inject.sum(2), state.k_sum, decay.squeeze(-1))
     if eps:
         den = den + eps
     # den >= 1 wherever a key is visible (the dim reaching mu holds a term exp(0) = 1), and
@@ -191,34 +206,44 @@ def lln_diag_step(
     *,
     block_size: int,
     scale: float,
-    lln_weight: Tensor,
-    diag_weight: Tensor,
+    lln_weight: float | Tensor,
+    diag_weight: float | Tensor,
     **lln_options,
 ) -> tuple[Tensor, LLNState]:
-    """Causal LLN+Diag of a short block continuing ``state`` (validated inputs; weights
-    already broadcast). Returns ``(out in the compute dtype, new state)``."""
+    """Causal LLN+Diag of a short block continuing ``state`` (validated inputs, except the
+    mixing weights). Returns ``(out in the compute dtype, new state)``."""
     b, h, n, _ = q.shape
     cdt = state.kv.dtype
+    shape = (b, h, 1, v.shape[-1])
+    lln_w = check_param(lln_weight, "lln_weight", shape, dtype=cdt, device=q.device,
+                        positive=False)
+    diag_w = check_param(diag_weight, "diag_weight", shape, dtype=cdt, device=q.device,
+                         positive=False)
     lln_out, new_state = lln_step(q, k, v, mask, state, block_size=block_size, **lln_options)
     carried = state.position % block_size
     real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
     if carried:
-        keys = torch.cat([state.block_k.to(k.dtype), k], 2)
-        values = torch.cat([state.block_v.to(v.dtype), v], 2)
+        keys = torch.cat([_as(state.block_k, k.dtype), k], 2)
+        values = torch.cat([_as(state.block_v, v.dtype), v], 2)
         real = torch.cat([state.block_mask, real], 1)
     else:
         keys, values = k, v
     total = carried + n
-    # query i (local index carried + i) sees keys j <= carried + i of its own block
+    # query i (local index carried + i) sees the real keys j <= carried + i of its block
     visible = real[:, None, None, :]  # (B, 1, 1, total)
     if n > 1:
         rows = torch.arange(carried, total, device=q.device)[:, None]
         cols = torch.arange(total, device=q.device)[None, :]
-        same = (cols <= rows) & (cols // block_size == rows // block_size)
-        visible = visible & same
-    logits = (q.to(cdt) @ keys.to(cdt).transpose(-1, -2)) * scale  # (B, H, L, total)
-    diag_out = masked_softmax(logits, visible) @ values.to(cdt)
-    out = torch.addcmul(lln_weight * lln_out, diag_weight, diag_out)
+        visible = visible & (cols <= rows) & (cols // block_size == rows // block_size)
+    logits = (_as(q, cdt) @ _as(keys, cdt).transpose(-1, -2)) * scale  # (B, H, L, total)
+    # softmax over the visible keys; a row that sees none (padding) is 0, not NaN
+    probs = torch.softmax(logits.masked_fill(~visible, NEG_INF), -1)
+    probs = torch.where(visible, probs, 0.0)
+    diag_out = probs @ _as(values, cdt)
+    if isinstance(diag_w, Tensor):
+        out = torch.addcmul(lln_out * lln_w, diag_w, diag_out)
+    else:  # a Python float: no tensor made for it
+        out = torch.add(lln_out * lln_w, diag_out, alpha=diag_w)
     start = total // block_size * block_size  # first token of the unfinished block
     block_k, block_v, block_mask = keys[:, :, start:], values[:, :, start:], real[:, start:]
     if not carried:  # slices of the caller's k, v (or mask): copy, the state owns its data
