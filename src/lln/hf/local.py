@@ -66,6 +66,9 @@ def aligned_block_diag(
         ``(out (B, H, L, Dv) in the dtype of v, window or None)``.
     """
     b, h, n, d = q.shape
+    if window is not None and n == 1:  # decoding: the window plus one token, no compaction
+        return _window_step(q, k, v, key_padding_mask, window, block_size=block_size,
+                            scale=scale, output_window=output_window)
     if key_padding_mask is None and window is None and not output_window:
         out = block_diag_attention(q, k, v, block_size=block_size, is_causal=is_causal, scale=scale)
         return out, None
@@ -102,3 +105,44 @@ def aligned_block_diag(
         index = ((n_real - keep)[:, None] + slots[None, :]).clamp_max(total - 1)
         new_window = DiagWindow(_gather_tokens(k_c, index), _gather_tokens(v_c, index), keep)
     return out, new_window
+
+
+def _window_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    window: DiagWindow,
+    *,
+    block_size: int,
+    scale: float,
+    output_window: bool,
+) -> tuple[Tensor, DiagWindow | None]:
+    """:func:`aligned_block_diag` of one token ``(B, H, 1, D)`` continuing ``window``: its
+    query attends to the window's first ``count[b]`` slots and (when real) to itself, with
+    one ``(1, W + 1)`` score row; its key and value are written at slot ``count[b]``. Only
+    tensor ops (no host read of ``count``), a fixed number whatever the context."""
+    b = q.shape[0]
+    width = window.k.shape[2]
+    real = (torch.ones(b, dtype=torch.bool, device=q.device) if key_padding_mask is None
+            else key_padding_mask[:, -1])
+    keys = torch.cat([window.k.to(k.dtype), k], 2)  # (B, H, W + 1, D)
+    values = torch.cat([window.v.to(v.dtype), v], 2)
+    slots = torch.arange(width + 1, device=q.device)
+    visible = (slots < window.count[:, None]) | ((slots == width) & real[:, None])
+    visible = visible[:, None, None, :]  # (B, 1, 1, W + 1)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    logits = (q.to(cdt) @ keys.to(cdt).transpose(-1, -2)) * scale
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)
+    probs = torch.where(visible, probs, 0.0)  # a row that sees nothing is 0, not NaN
+    out = (probs @ values.to(cdt)) * real[:, None, None, None].to(cdt)  # padded query: 0
+    new_window = None
+    if output_window:
+        index = window.count[:, None, None, None]
+        count = window.count + real.to(window.count.dtype)
+        new_window = DiagWindow(
+            window.k.scatter(2, index.expand_as(k), k.to(window.k.dtype)),
+            window.v.scatter(2, index.expand_as(v), v.to(window.v.dtype)),
+            torch.where(count == block_size, 0, count),  # a finished block starts anew
+        )
+    return out.to(v.dtype), new_window
