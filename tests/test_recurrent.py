@@ -216,3 +216,18 @@ def test_a_sequence_with_no_real_key_yet_gives_zeros():
         out, state = decode(lln.lln_attention, q, k, v, mask, state=first_state(None, q, k, v))
     assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
     assert torch.isfinite(out).all() and out[:, :, 3:].abs().sum() > 0
+
+
+def test_stacked_scales_equal_scales_from_variances():
+    """The step path's stacked form of the moment-matching formula is the same formula."""
+    from lln.ops.moment_matching import scales_from_variances
+    from lln.ops.recurrent import stacked_scales
+
+    g = torch.Generator().manual_seed(9)
+    var = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64) * 5
+    var[0, 0, 0, 0] = 0.0  # floored
+    for temperature in (1.0, 2.5):
+        alpha, beta = scales_from_variances(var[0], var[1], temperature=temperature,
+                                            a=0.2, b=-0.3)
+        stacked = stacked_scales(var, temperature=temperature, a=0.2, b=-0.3)
+        torch.testing.assert_close(stacked, torch.stack((alpha, beta)), rtol=1e-15, atol=0)
