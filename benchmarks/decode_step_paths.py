@@ -35,45 +35,50 @@ def main() -> None:
     print("| T | lln step | lln chunked | lln_diag step | lln_diag chunked | softmax+KV |")
     print("|---:|---:|---:|---:|---:|---:|")
     for t in args.contexts:
-        q, k, v = (torch.randn(b, h, t, d, generator=g) for _ in range(3))
-        tokens = [tuple(torch.randn(b, h, 1, d, generator=g) for _ in range(3))
-                  for _ in range(args.steps)]
-        cache_k = torch.empty(b, h, t + args.steps, d)
-        cache_v = torch.empty_like(cache_k)
-        cache_k[:, :, :t], cache_v[:, :, :t] = k, v
-        with torch.no_grad():
-            states = {op: op(q, k, v, is_causal=True, output_final_state=True)[1]
-                      for op in (lln.lln_attention, lln.lln_diag_attention)}
+        cells = measure(t, b, h, d, g, args.steps, args.rounds)
+        print(f"| {t} | " + " | ".join(f"{x * 1e6:.0f}" for x in cells) + " |", flush=True)
 
-        def lln_case(op, threshold):
-            def run(i):
-                recurrent.STEP_MAX_TOKENS = threshold
-                op(*tokens[i], is_causal=True, initial_state=states[op],
-                   output_final_state=True)
-            return run
 
-        def softmax(i):
-            qt, kt, vt = tokens[i]
-            cache_k[:, :, t:t + 1].copy_(kt)
-            cache_v[:, :, t:t + 1].copy_(vt)
-            F.scaled_dot_product_attention(qt, cache_k[:, :, :t + 1], cache_v[:, :, :t + 1])
+def measure(t: int, b: int, h: int, d: int, g: torch.Generator, steps: int,
+            rounds: int) -> list[float]:
+    """Median seconds per step of each case after a context of ``t`` tokens."""
+    q, k, v = (torch.randn(b, h, t, d, generator=g) for _ in range(3))
+    tokens = [tuple(torch.randn(b, h, 1, d, generator=g) for _ in range(3))
+              for _ in range(steps)]
+    cache_k = torch.empty(b, h, t + 1, d)
+    cache_v = torch.empty_like(cache_k)
+    cache_k[:, :, :t], cache_v[:, :, :t] = k, v
+    with torch.no_grad():
+        states = {op: op(q, k, v, is_causal=True, output_final_state=True)[1]
+                  for op in (lln.lln_attention, lln.lln_diag_attention)}
 
-        cases = [lln_case(lln.lln_attention, 16), lln_case(lln.lln_attention, 0),
-                 lln_case(lln.lln_diag_attention, 16), lln_case(lln.lln_diag_attention, 0),
-                 softmax]
-        times: list[list[float]] = [[] for _ in cases]
-        with torch.no_grad():
-            for _ in range(args.rounds):  # interleaved rounds
-                for case, sink in zip(cases, times, strict=True):
-                    for i in range(10):
-                        case(i)
-                    for i in range(args.steps):
-                        start = time.perf_counter()
-                        case(i)
-                        sink.append(time.perf_counter() - start)
-        recurrent.STEP_MAX_TOKENS = 16
-        cells = [f"{statistics.median(x) * 1e6:.0f}" for x in times]
-        print(f"| {t} | " + " | ".join(cells) + " |", flush=True)
+    def lln_case(op, threshold):
+        def run(i):
+            recurrent.STEP_MAX_TOKENS = threshold
+            op(*tokens[i], is_causal=True, initial_state=states[op], output_final_state=True)
+        return run
+
+    def softmax(i):
+        qt, kt, vt = tokens[i]
+        cache_k[:, :, t:t + 1].copy_(kt)
+        cache_v[:, :, t:t + 1].copy_(vt)
+        F.scaled_dot_product_attention(qt, cache_k, cache_v)
+
+    cases = [lln_case(lln.lln_attention, 16), lln_case(lln.lln_attention, 0),
+             lln_case(lln.lln_diag_attention, 16), lln_case(lln.lln_diag_attention, 0),
+             softmax]
+    times: list[list[float]] = [[] for _ in cases]
+    with torch.no_grad():
+        for _ in range(rounds):  # interleaved rounds
+            for case, sink in zip(cases, times, strict=True):
+                for i in range(10):
+                    case(i)
+                for i in range(steps):
+                    start = time.perf_counter()
+                    case(i)
+                    sink.append(time.perf_counter() - start)
+    recurrent.STEP_MAX_TOKENS = 16
+    return [statistics.median(x) for x in times]
 
 
 if __name__ == "__main__":
