@@ -631,7 +631,7 @@ def lln_attention(
             q, k, v, mask, initial_state, alpha=alpha, beta=beta, stats=stats,
             temperature=temperature, constants=constants, eps=eps,
         )
-        out = out.to(v.dtype)
+        out = out if out.dtype == v.dtype else out.to(v.dtype)
         return (out, state) if output_final_state else out
     out, state, lost = lln_forward(
         q, k, v, is_causal=is_causal, mask=mask, alpha=alpha, beta=beta, stats=stats,

@@ -76,7 +76,7 @@ def lln_diag_attention(
             temperature=temperature, constants=constants, eps=eps, block_size=block_size,
             scale=scale, lln_weight=lln_weight, diag_weight=diag_weight,
         )
-        out = out.to(v.dtype)
+        out = out if out.dtype == v.dtype else out.to(v.dtype)
         return (out, state) if output_final_state else out
     b, h, n, _ = q.shape
     cdt = compute_dtype(q.dtype)

@@ -74,7 +74,10 @@ def step_moments(
     gradient (as the chunked path)."""
     b, h, n, d = q.shape
     fit_a, fit_b = resolve_constants(constants, d)
-    x = torch.stack((q.detach(), k.detach())).double()  # (2, B, H, L, D)
+    x = torch.stack((q, k))
+    if x.requires_grad:
+        x = x.detach()
+    x = x.double()  # (2, B, H, L, D)
     s1, s2 = x.sum(-1), torch.linalg.vecdot(x, x)  # (2, B, H, L)
     cnt: Tensor | float = float(d)
     if mask is not None:
@@ -111,10 +114,10 @@ def stacked_scales(var: Tensor, *, temperature: float, a: float, b: float) -> Te
     """:func:`lln.ops.moment_matching.scales_from_variances` of ``var = stack((var_q,
     var_k))``, returned stacked as ``(alpha, beta)``: the same formula in half the ops."""
     var = var.clamp_min(MIN_VARIANCE)
-    sigma_tilde = ((var.prod(0) - b) / (2 * a)).clamp_min(MIN_VARIANCE).sqrt()
+    tilde_sq = ((var.prod(0) - b) / (2 * a)).clamp_min(MIN_VARIANCE)  # sigma_tilde^2
     if temperature != 1.0:
-        sigma_tilde = sigma_tilde / temperature
-    return sigma_tilde / var.sqrt()
+        tilde_sq = tilde_sq / temperature**2
+    return (tilde_sq / var).sqrt()  # sigma_tilde / sigma, one square root
 
 
 def lln_step(
@@ -154,7 +157,8 @@ def lln_step(
         ks = ks.masked_fill(~mask[:, None, :, None], NEG_INF)
     k_max = state.k_max
     # offsets (from detached values): any value gives the same output, so no gradient
-    run = ks.detach() if n == 1 else ks.detach().cummax(2).values
+    ks_d = ks.detach() if ks.requires_grad else ks
+    run = ks_d if n == 1 else ks_d.cummax(2).values
     m = torch.maximum(run, k_max.unsqueeze(2))  # (B, H, L, D), -inf: no key yet
     new_max = m[:, :, -1]
     ref = _floor(new_max)
@@ -165,8 +169,9 @@ def lln_step(
         inject = inject.transpose(-1, -2)  # (B, H, D, 1)
         kv = torch.addcmul(state.kv * decay, inject, vc)
         k_sum = torch.addcmul(inject, state.k_sum.unsqueeze(-1), decay)  # (B, H, D, 1)
-        q_plus = qs + m
-        mu = _floor(q_plus.detach().amax(-1, keepdim=True))
+        # (ref: m floored, so mu is finite; with no key at all num = den = 0 anyway)
+        q_plus = qs + ref.unsqueeze(2)
+        mu = (q_plus.detach() if q_plus.requires_grad else q_plus).amax(-1, keepdim=True)
         q_feat = torch.exp(q_plus - mu)  # (B, H, 1, D)
         num = q_feat @ kv
         den = q_feat @ k_sum  # (B, H, 1, 1)
