@@ -164,8 +164,9 @@ def test_beam_search_with_cache_equals_dynamic_cache():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_window_decode_step_equals_the_compacting_path(dtype):
-    """The one-token window step (no sort/gather) equals the general aligned path on random
-    windows: per-sample counts including 0 and block_size - 1, real and padded tokens."""
+    """The one-token window step (no sort/gather, no copy) equals the general aligned path
+    on random windows: per-sample counts including 0 and block_size - 1, real and padded
+    tokens."""
     from lln.hf import local
 
     g = torch.Generator().manual_seed(3)
@@ -179,8 +180,10 @@ def test_window_decode_step_equals_the_compacting_path(dtype):
                for _ in range(3))
     mask = torch.tensor([[True], [False], [True], [False], [True]])
     for m in (None, mask):
-        fast, fast_window = local._window_step(q, k, v, m, window, block_size=w, scale=0.4,
+        given = window.map(torch.clone)  # the step writes into the window it is given
+        fast, fast_window = local._window_step(q, k, v, m, given, block_size=w, scale=0.4,
                                                output_window=True)
+        assert fast_window.k is given.k  # in place: no copy of the window per token
         # the general path, forced by a second (padded) token that is dropped afterwards
         pad = torch.zeros(b, 1, dtype=torch.bool)
         real = torch.ones(b, 1, dtype=torch.bool) if m is None else m

@@ -118,31 +118,35 @@ def _window_step(
     scale: float,
     output_window: bool,
 ) -> tuple[Tensor, DiagWindow | None]:
-    """:func:`aligned_block_diag` of one token ``(B, H, 1, D)`` continuing ``window``: its
-    query attends to the window's first ``count[b]`` slots and (when real) to itself, with
-    one ``(1, W + 1)`` score row; its key and value are written at slot ``count[b]``. Only
-    tensor ops (no host read of ``count``), a fixed number whatever the context."""
-    b = q.shape[0]
-    width = window.k.shape[2]
+    """:func:`aligned_block_diag` of one token ``(B, H, 1, D)`` continuing ``window``.
+
+    The token's key and value are written at slot ``count[b]`` of the window first (in
+    place when autograd is off: the window is the cache's own buffer, so a step copies
+    nothing), then its query attends to slots ``< count[b] + real[b]`` with one ``(1, W)``
+    score row. Only tensor ops (no host read of ``count``), a fixed number whatever the
+    context."""
+    b, h, _, d = q.shape
     real = (torch.ones(b, dtype=torch.bool, device=q.device) if key_padding_mask is None
             else key_padding_mask[:, -1])
-    keys = torch.cat([window.k.to(k.dtype), k], 2)  # (B, H, W + 1, D)
-    values = torch.cat([window.v.to(v.dtype), v], 2)
-    slots = torch.arange(width + 1, device=q.device)
-    visible = (slots < window.count[:, None]) | ((slots == width) & real[:, None])
-    visible = visible[:, None, None, :]  # (B, 1, 1, W + 1)
+    index = window.count[:, None, None, None]
+    keys, values = window.k, window.v
+    new_k, new_v = k.to(keys.dtype), v.to(values.dtype)
+    if torch.is_grad_enabled() and (keys.requires_grad or new_k.requires_grad
+                                    or values.requires_grad or new_v.requires_grad):
+        keys = keys.scatter(2, index.expand_as(new_k), new_k)
+        values = values.scatter(2, index.expand_as(new_v), new_v)
+    else:
+        keys.scatter_(2, index.expand_as(new_k), new_k)
+        values.scatter_(2, index.expand_as(new_v), new_v)
+    count = window.count + real.to(window.count.dtype)
+    visible = torch.arange(keys.shape[2], device=q.device) < count[:, None]
+    visible = visible[:, None, None, :]  # (B, 1, 1, W)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     logits = (q.to(cdt) @ keys.to(cdt).transpose(-1, -2)) * scale
     probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)
     probs = torch.where(visible, probs, 0.0)  # a row that sees nothing is 0, not NaN
     out = (probs @ values.to(cdt)) * real[:, None, None, None].to(cdt)  # padded query: 0
     new_window = None
-    if output_window:
-        index = window.count[:, None, None, None]
-        count = window.count + real.to(window.count.dtype)
-        new_window = DiagWindow(
-            window.k.scatter(2, index.expand_as(k), k.to(window.k.dtype)),
-            window.v.scatter(2, index.expand_as(v), v.to(window.v.dtype)),
-            torch.where(count == block_size, 0, count),  # a finished block starts anew
-        )
+    if output_window:  # a finished block starts anew
+        new_window = DiagWindow(keys, values, torch.where(count == block_size, 0, count))
     return out.to(v.dtype), new_window

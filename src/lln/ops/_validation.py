@@ -155,11 +155,11 @@ def check_param(
     if isinstance(value, Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating tensor, got dtype {value.dtype}")
-        try:
-            broadcast = torch.broadcast_shapes(value.shape, shape)
-        except RuntimeError:
-            broadcast = None
-        if broadcast != torch.Size(shape):
+        # (pure Python: torch.broadcast_shapes costs tens of microseconds per call)
+        dims = value.shape
+        if len(dims) > len(shape) or any(
+            a != 1 and a != b for a, b in zip(reversed(dims), reversed(shape), strict=False)
+        ):
             raise ValueError(
                 f"{name} must be broadcastable to {shape}, got shape {tuple(value.shape)}"
             )
