@@ -283,6 +283,56 @@ def test_decoder_steps_equal_one_causal_call(method):
         assert 0 < decoder.memory_bytes() <= short.memory_bytes() + 2 * 3 * 8 * 8 * 8 * 2
 
 
+@pytest.mark.parametrize("method", [
+    pytest.param("lln", marks=pytest.mark.slow), "lln_diag",
+    pytest.param("softmax", marks=pytest.mark.slow)])
+def test_compiled_decoder_traces_one_graph_and_equals_eager(method, monkeypatch):
+    """``<method>+compile`` runs the same step under torch.compile(fullgraph=True) (here
+    with Dynamo's eager backend, to keep the test fast; Inductor in the slow tests)."""
+    import lln.bench.decode as decode_module
+
+    real_compile = torch.compile
+    monkeypatch.setattr(decode_module.torch, "compile",
+                        lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=g) for _ in range(3))
+    eager = Decoder(method, q[:, :, :20], k[:, :, :20], v[:, :, :20], capacity=30)
+    compiled = Decoder(method + "+compile", q[:, :, :20], k[:, :, :20], v[:, :, :20],
+                       capacity=30)
+    for i in range(20, 30):
+        token = (q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1])
+        assert (compiled.step(*token) - eager.step(*token)).abs().max() <= 1e-6
+    assert compiled.memory_bytes() == eager.memory_bytes()
+    torch._dynamo.reset()
+
+
+def test_decode_batches_get_labels_and_one_table_each():
+    parser = build_parser()
+    args = parser.parse_args(["bench", "--decode", "--methods", "lln", "softmax",
+                              "--lengths", "64"])
+    configs = command.build_configs(args, ["lln", "softmax"])
+    assert [(c["label"], c["batch"]) for c in configs] == [
+        ("lln B=1", 1), ("softmax B=1", 1), ("lln B=8", 8), ("softmax B=8", 8)]
+    one = command.build_configs(parser.parse_args(["bench", "--decode", "--batch", "4"]), ["lln"])
+    assert "label" not in one[0] and one[0]["batch"] == 4
+    with pytest.raises(ValueError, match="--batch takes several sizes only with --decode"):
+        command.build_configs(parser.parse_args(["bench", "--batch", "1", "8"]), ["lln"])
+    results = [
+        {**_ok(m, "decode", 64, t, 0), "memory": {"delta_bytes": 0, "state_bytes": 2**10}}
+        for m, t in [("lln B=1", 1e-4), ("softmax B=1", 2e-4), ("lln B=8", 3e-4),
+                     ("softmax B=8", 4e-4)]
+    ]
+    document = _document(results)
+    document["header"]["settings"].update(mode="decode", batch=[1, 8])
+    markdown = report.decode_markdown(document)
+    assert "B=1,8 H=12" in markdown
+    assert "**Decoding (B=1): time per token**" in markdown
+    assert "**Decoding (B=8): time per token**" in markdown
+    assert markdown.count("| T | lln | softmax |") == 4  # time and memory, per batch
+    assert "| 64 | 0.300 ms | 0.400 ms |" in markdown
+
+
 def test_decoder_rejects_bad_arguments():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="method must be one of"):
@@ -377,7 +427,8 @@ def test_readme_section_replacement(tmp_path):
 
 def test_methods_are_checked_before_running(tmp_path):
     assert command.resolve_methods(["all"], decode=False)[:3] == ["softmax", "lln", "lln_diag"]
-    assert command.resolve_methods(None, decode=True) == ["lln", "lln_diag", "softmax"]
+    assert command.resolve_methods(None, decode=True) == [
+        "lln", "lln_diag", "softmax", "lln+compile", "lln_diag+compile", "softmax+compile"]
     with pytest.raises(ValueError, match="valid names"):
         command.resolve_methods(["lln", "nope"], decode=False)
     with pytest.raises(ValueError, match="--decode supports"):
@@ -461,7 +512,7 @@ def test_bench_end_to_end_through_worker_processes(tmp_path):
 def test_decode_end_to_end_through_worker_processes(tmp_path):
     out = tmp_path / "decode"
     args = build_parser().parse_args([
-        "bench", "--decode", "--methods", "lln", "--lengths", "64", "128",
+        "bench", "--decode", "--methods", "lln", "--lengths", "64", "128", "--batch", "1",
         "--heads", "2", "--dim", "8", "--threads", "1", "--decode-steps", "4",
         "--decode-warmup", "1", "--out", str(out), "--quiet", "--no-plots",
     ])

@@ -160,3 +160,60 @@ def test_beam_search_with_cache_equals_dynamic_cache():
                               **{kw: lln.hf.LLNCache()})
         slow = model.generate(x, num_beams=3, max_new_tokens=6, do_sample=False)
     assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_window_decode_step_equals_the_compacting_path(dtype):
+    """The one-token window step (no sort/gather, no copy) equals the general aligned path
+    on random windows: per-sample counts including 0 and block_size - 1, real and padded
+    tokens."""
+    from lln.hf import local
+
+    g = torch.Generator().manual_seed(3)
+    b, h, w, d = 5, 2, 4, 6
+    window = local.DiagWindow(
+        torch.randn(b, h, w, d, generator=g, dtype=torch.float64).to(dtype),
+        torch.randn(b, h, w, d, generator=g, dtype=torch.float64).to(dtype),
+        torch.tensor([0, 1, 3, 3, 2]),
+    )
+    q, k, v = (torch.randn(b, h, 1, d, generator=g, dtype=torch.float64).to(dtype)
+               for _ in range(3))
+    mask = torch.tensor([[True], [False], [True], [False], [True]])
+    for m in (None, mask):
+        given = window.map(torch.clone)  # the step writes into the window it is given
+        fast, fast_window = local._window_step(q, k, v, m, given, block_size=w, scale=0.4,
+                                               output_window=True)
+        assert fast_window.k is given.k  # in place: no copy of the window per token
+        # the general path, forced by a second (padded) token that is dropped afterwards
+        pad = torch.zeros(b, 1, dtype=torch.bool)
+        real = torch.ones(b, 1, dtype=torch.bool) if m is None else m
+        slow, slow_window = local.aligned_block_diag(
+            torch.cat([q, q], 2), torch.cat([k, k], 2), torch.cat([v, v], 2),
+            torch.cat([real, pad], 1), block_size=w, scale=0.4, is_causal=True,
+            window=window, output_window=True,
+        )
+        assert rel_err_max(fast, slow[:, :, :1]) <= (1e-12 if dtype == torch.float64 else 1e-6)
+        assert torch.equal(fast_window.count, slow_window.count)
+        for i in range(b):  # the kept slots agree (slots past count are free)
+            c = int(fast_window.count[i])
+            assert torch.equal(fast_window.k[i, :, :c], slow_window.k[i, :, :c])
+            assert torch.equal(fast_window.v[i, :, :c], slow_window.v[i, :, :c])
+
+
+def rel_err_max(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def test_calibrated_scales_are_cached_for_inference_and_follow_updates():
+    """Decoding reuses the scales (no per-token recompute or host read of `calibrated`);
+    an in-place update of a parameter (an optimizer step, a load) is seen at once."""
+    model = llama("lln", calibrated=True)
+    params = next(iter(lln.hf.attach(model).values()))
+    with torch.no_grad():
+        first = params.scales()
+        assert params.scales()[0] is first[0]  # cached
+        params.log_temperature.add_(0.5)
+        updated = params.scales()
+    assert updated[0] is not first[0]
+    torch.testing.assert_close(updated[0], first[0] * torch.exp(torch.tensor(-0.5)))
+    assert params.scales()[0].requires_grad  # grad mode: computed, with the graph

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import lln
 from lln.ops import (
     LLNState,
     block_diag_attention,
@@ -296,12 +297,43 @@ BAD_SCALES = [
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("which", ["alpha", "beta"])
 @pytest.mark.parametrize("bad", BAD_SCALES)
-def test_non_positive_alpha_beta(op, is_causal, which, bad):
+def test_non_positive_alpha_beta(op, is_causal, which, bad, debug_mode):
+    """Floats are always checked; tensor values in debug mode (reading them would sync)."""
     q, k, v = make()
     kwargs = {"alpha": 1.0, "beta": 1.0}
     kwargs[which] = bad
     with pytest.raises(ValueError, match=rf"\b{which} must be"):
         op(q, k, v, is_causal=is_causal, **kwargs)
+
+
+@pytest.fixture
+def debug_mode():
+    """``lln.set_debug(True)`` for one test, restored afterwards."""
+    previous = lln.debug_enabled()
+    lln.set_debug(True)
+    yield
+    lln.set_debug(previous)
+
+
+@ops(LLN_OPS)
+def test_tensor_values_are_not_read_outside_debug_mode(op):
+    """Without debug mode a tensor alpha is used as given (no host read, no sync): a NaN
+    tensor gives NaN outputs rather than a data-dependent check; debug mode rejects it."""
+    q, k, v = make()
+    bad = torch.tensor(float("nan"), dtype=torch.float64)
+    assert lln.debug_enabled() is False
+    assert op(q, k, v, alpha=bad, beta=1.0).isnan().all()
+    lln.set_debug(True)
+    try:
+        with pytest.raises(ValueError, match=r"\balpha must be"):
+            op(q, k, v, alpha=bad, beta=1.0)
+    finally:
+        lln.set_debug(False)
+
+
+def test_set_debug_takes_a_bool():
+    with pytest.raises(TypeError, match=r"\benabled must be a bool"):
+        lln.set_debug(1)
 
 
 @ops(LLN_OPS)
@@ -412,6 +444,9 @@ def test_moment_match_non_positive_a(bad):
 @pytest.mark.parametrize("which", ["lln_weight", "diag_weight"])
 def test_lln_diag_weights(which):
     q, k, v = make()
+    for bad in (float("nan"), float("inf"), -float("inf")):  # issue 17, bug 6
+        with pytest.raises(ValueError, match=rf"\b{which} must be a finite float"):
+            lln_diag_attention(q, k, v, **{which: bad})
     with pytest.raises(TypeError, match=rf"\b{which} must be"):
         lln_diag_attention(q, k, v, **{which: "0.5"})
     with pytest.raises(ValueError, match=rf"\b{which} must be broadcastable"):

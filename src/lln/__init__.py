@@ -9,6 +9,7 @@ Functional API (tensors ``(batch, heads, seq, dim)`` as in
     lln.moment_match(q, k)                              # the feature scales (alpha, beta)
     lln.lln_attention_matrix(q, k)                      # explicit N x N oracle
     lln.get_attention("performer").fn(q, k, v)          # baselines, one signature
+    lln.set_debug(True)                                 # data-dependent checks (they sync)
 
 Layers: :class:`lln.LLNAttention`, a drop-in for ``nn.MultiheadAttention(batch_first=True)``.
 """
@@ -43,6 +44,7 @@ from .ops import (
     softmax_attention,
     softmax_attention_matrix,
 )
+from .ops._validation import debug_enabled, set_debug
 
 __version__ = "0.1.0"
 
@@ -60,6 +62,7 @@ __all__ = [
     "block_diag_attention_matrix",
     "cosformer_attention",
     "cosformer_attention_matrix",
+    "debug_enabled",
     "draw_orthogonal_projection",
     "elu_attention",
     "elu_attention_matrix",
@@ -73,6 +76,7 @@ __all__ = [
     "nystrom_attention_matrix",
     "performer_attention",
     "performer_attention_matrix",
+    "set_debug",
     "softmax_attention",
     "softmax_attention_matrix",
 ]

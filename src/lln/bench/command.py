@@ -26,7 +26,11 @@ HELP = "time and peak memory of every attention vs sequence length (--decode: de
 
 DEFAULT_LENGTHS = [1024 * 2**i for i in range(7)]  # 1k ... 64k
 DEFAULT_METHODS = ["softmax", "lln", "lln_diag"]
-DEFAULT_DECODE_METHODS = ["lln", "lln_diag", "softmax"]
+DEFAULT_DECODE_METHODS = [
+    "lln", "lln_diag", "softmax", "lln+compile", "lln_diag+compile", "softmax+compile",
+]
+#: Batch sizes of ``--decode`` (each gets its own table).
+DEFAULT_DECODE_BATCHES = [1, 8]
 MODES = ("fwd", "fwd_bwd")
 
 
@@ -64,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "fixed random output gradient" + dflt)
     what.add_argument("--decode", action="store_true",
                       help="decoding benchmark: per-token latency after a context of T tokens")
-    what.add_argument("--batch", type=_positive(int), default=1, help="B" + dflt)
+    what.add_argument("--batch", type=_positive(int), nargs="+", default=None,
+                      help="B (default: 1; with --decode: "
+                      f"{' '.join(map(str, DEFAULT_DECODE_BATCHES))}, one table each)")
     what.add_argument("--heads", type=_positive(int), default=12, help="H" + dflt)
     what.add_argument("--dim", type=_positive(int), default=64, help="head dim D" + dflt)
     what.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
@@ -171,10 +177,25 @@ def _unsupported(config: dict[str, Any]) -> str | None:
     return None
 
 
+def batch_sizes(args: argparse.Namespace) -> list[int]:
+    """The batch sizes to run: ``--batch`` (several only with ``--decode``) or the default.
+
+    Raises:
+        ValueError: several batch sizes without ``--decode``.
+    """
+    batches = args.batch or (DEFAULT_DECODE_BATCHES if args.decode else [1])
+    if len(batches) > 1 and not args.decode:
+        raise ValueError("--batch takes several sizes only with --decode")
+    return list(dict.fromkeys(batches))
+
+
 def build_configs(args: argparse.Namespace, methods: list[str]) -> list[dict[str, Any]]:
-    """One worker config per (N, method, mode), ordered by N, then method, then mode."""
+    """One worker config per (N, batch, method, mode), ordered by N, then batch, method,
+    mode. With several batch sizes each config has a ``label`` (``"lln B=8"``) that names
+    its results."""
+    batches = batch_sizes(args)
     common = {
-        "batch": args.batch, "heads": args.heads, "dim": args.dim, "dtype": args.dtype,
+        "heads": args.heads, "dim": args.dim, "dtype": args.dtype,
         "device": args.device, "causal": args.causal, "threads": args.threads,
         "seed": args.seed, "warmup": args.warmup, "repeats": args.repeats,
         "long_seconds": args.long_seconds, "target_seconds": args.target_seconds,
@@ -183,8 +204,10 @@ def build_configs(args: argparse.Namespace, methods: list[str]) -> list[dict[str
     }
     modes = ["decode"] if args.decode else list(args.modes)
     return [
-        {**common, "method": method, "mode": mode, "n": n}
+        {**common, "batch": batch, "method": method, "mode": mode, "n": n,
+         **({"label": f"{method} B={batch}"} if len(batches) > 1 else {})}
         for n in sorted(set(args.lengths))
+        for batch in batches
         for method in methods
         for mode in modes
     ]
@@ -219,8 +242,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prepare_out(out_dir, overwrite=True)  # an unwritable --out fails now, not after a run
     configs = build_configs(args, methods)
     settings = {
-        key: value for key, value in configs[0].items() if key not in ("method", "mode", "n")
+        key: value for key, value in configs[0].items()
+        if key not in ("method", "mode", "n", "label")
     }
+    settings["batch"] = batch_sizes(args) if args.decode else configs[0]["batch"]
     settings.update(
         mode="decode" if args.decode else "sweep", methods=methods,
         lengths=sorted(set(args.lengths)), modes=sorted({c["mode"] for c in configs}),

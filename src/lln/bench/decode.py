@@ -7,6 +7,9 @@
 * ``softmax``: a pre-allocated KV cache holds the T context keys and values; every new token
   writes its key and value into the cache and runs SDPA of its query against the cache so
   far (work and memory grow with T).
+* ``<method>+compile``: the same step under ``torch.compile(fullgraph=True)`` (Inductor).
+  The first steps compile (the benchmark's warm-up steps absorb that): a static graph, then
+  one with the position (and the cache or diagonal-block length) as dynamic sizes.
 """
 
 from __future__ import annotations
@@ -20,8 +23,21 @@ from torch import Tensor
 from ..ops import lln_attention, lln_diag_attention
 from ..ops.state import LLNState
 
-#: The methods with a decoding path here.
-DECODE_METHODS = ("lln", "lln_diag", "softmax")
+#: The attentions with a decoding path here.
+BASE_METHODS = ("lln", "lln_diag", "softmax")
+#: Suffix of a method name that runs its step under ``torch.compile``.
+COMPILE_SUFFIX = "+compile"
+#: Every decoding method: the eager steps and their compiled variants.
+DECODE_METHODS = BASE_METHODS + tuple(m + COMPILE_SUFFIX for m in BASE_METHODS)
+
+
+def _softmax_step(q: Tensor, k: Tensor, v: Tensor, cache_k: Tensor, cache_v: Tensor,
+                  position: int) -> Tensor:
+    """Write the token's key and value at ``position`` and attend over the cache so far."""
+    end = position + 1
+    cache_k[:, :, position:end].copy_(k)
+    cache_v[:, :, position:end].copy_(v)
+    return F.scaled_dot_product_attention(q, cache_k[:, :, :end], cache_v[:, :, :end])
 
 
 def _tensor_bytes(obj: object) -> int:
@@ -51,36 +67,37 @@ class Decoder:
         if capacity < context:
             raise ValueError(f"capacity must be >= the context length {context}, got {capacity}")
         self.method = method
+        self.base = method.removesuffix(COMPILE_SUFFIX)
         self.position = context
         self.state: LLNState | None = None
+        if self.base == "softmax":
+            self._step = _softmax_step
+        else:
+            self._step = lln_attention if self.base == "lln" else lln_diag_attention
+        if method.endswith(COMPILE_SUFFIX):
+            self._step = torch.compile(self._step, fullgraph=True)
         with torch.no_grad():
-            if method == "softmax":
+            if self.base == "softmax":
                 b, h, _, d = k.shape
                 self.cache_k = k.new_empty(b, h, capacity, d)
                 self.cache_v = v.new_empty(b, h, capacity, v.shape[-1])
                 self.cache_k[:, :, :context].copy_(k)
                 self.cache_v[:, :, :context].copy_(v)
-            else:
-                attend = lln_attention if method == "lln" else lln_diag_attention
+            else:  # the prefill is eager (the benchmark times the steps)
+                attend = lln_attention if self.base == "lln" else lln_diag_attention
                 _, self.state = attend(q, k, v, is_causal=True, output_final_state=True)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Decode one token: ``q, k, v`` are ``(B, H, 1, D)``; returns ``(B, H, 1, Dv)``."""
         with torch.no_grad():
-            if self.method == "softmax":
-                end = self.position + 1
-                if end > self.cache_k.shape[2]:
+            if self.base == "softmax":
+                if self.position + 1 > self.cache_k.shape[2]:
                     raise ValueError(
                         f"KV cache is full ({self.cache_k.shape[2]} tokens); raise capacity"
                     )
-                self.cache_k[:, :, self.position : end].copy_(k)
-                self.cache_v[:, :, self.position : end].copy_(v)
-                out = F.scaled_dot_product_attention(
-                    q, self.cache_k[:, :, :end], self.cache_v[:, :, :end]
-                )
+                out = self._step(q, k, v, self.cache_k, self.cache_v, self.position)
             else:
-                attend = lln_attention if self.method == "lln" else lln_diag_attention
-                out, self.state = attend(
+                out, self.state = self._step(
                     q, k, v, is_causal=True, initial_state=self.state, output_final_state=True
                 )
         self.position += 1
@@ -89,7 +106,7 @@ class Decoder:
     def memory_bytes(self) -> int:
         """Bytes the decoder carries for the tokens so far: the filled part of the KV cache,
         or every tensor of the recurrent state."""
-        if self.method == "softmax":
+        if self.base == "softmax":
             per_token = (self.cache_k[:, :, :1].numel() * self.cache_k.element_size()
                          + self.cache_v[:, :, :1].numel() * self.cache_v.element_size())
             return per_token * self.position

@@ -77,7 +77,9 @@ def machine_line(header: dict[str, Any], threads: int | None) -> str:
     machine, s = header["machine"], header["settings"]
     ram = f", {machine['ram_bytes'] / 2**30:.0f} GiB RAM" if machine.get("ram_bytes") else ""
     gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ""
-    layout = f"B={s['batch']} H={s['heads']} D={s['dim']} {s['dtype']} on {s['device']}"
+    batch = s["batch"]
+    batch = ",".join(map(str, batch)) if isinstance(batch, list) else batch
+    layout = f"B={batch} H={s['heads']} D={s['dim']} {s['dtype']} on {s['device']}"
     if s.get("mode") != "decode":
         layout += ", causal" if s["causal"] else ", non-causal"
     if s.get("contend"):
@@ -308,45 +310,57 @@ def sweep_markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def decode_markdown(document: dict[str, Any]) -> str:
-    """The markdown report of a decoding run: per-token latency and carried memory vs T."""
-    header, results = document["header"], document["results"]
-    index, methods, lengths = _index(results), _methods(results), _lengths(results)
-    steps = header["settings"].get("decode_steps")
-    time_rows, memory_rows = [], []
-    for n in lengths:
-        time_row, memory_row = [str(n)], [str(n)]
-        for method in methods:
-            r = index.get((method, "decode", n))
-            t = _median(r)
-            state = r["memory"].get("state_bytes") if t is not None else None
-            time_row.append(_cell(r, None if t is None else format_seconds(t)))
-            memory_row.append(_cell(r, None if state is None else format_bytes(state)))
-        time_rows.append(time_row)
-        memory_rows.append(memory_row)
-    growth = [f"T={lengths[-1]} / T={lengths[0]}"] if lengths else []
+def _batch_groups(methods: list[str]) -> dict[str | None, list[str]]:
+    """Result names grouped by batch size: ``"lln B=8"`` -> group ``"8"``; names without a
+    ``" B="`` suffix (a run with one batch size) form the one group None."""
+    groups: dict[str | None, list[str]] = {}
     for method in methods:
-        first = _median(index.get((method, "decode", lengths[0]))) if lengths else None
-        last = _median(index.get((method, "decode", lengths[-1]))) if lengths else None
-        growth.append(f"{last / first:.2f}×" if first and last else "-")
-    lines = [
-        machine_line(header, _threads(results, header)),
-        "",
-        f"Command: `{header['command']}`",
-        "",
-        f"**Decoding: time per token** after a context of T tokens (median over {steps} "
-        "single-token steps; LLN / LLN+Diag: recurrent state, softmax: SDPA against a "
-        "pre-allocated KV cache, cache append included; last row: growth from the shortest "
-        "to the longest context)",
-        "",
-        *_table(["T", *methods], [*time_rows, growth] if growth else time_rows),
-        "",
-        "**Decoding: memory carried per sequence** (LLN / LLN+Diag: every tensor of the "
-        "recurrent state; softmax: the filled part of the KV cache)",
-        "",
-        *_table(["T", *methods], memory_rows),
-        "",
-    ]
+        _, sep, batch = method.rpartition(" B=")
+        groups.setdefault(batch if sep else None, []).append(method)
+    return groups
+
+
+def decode_markdown(document: dict[str, Any]) -> str:
+    """The markdown report of a decoding run: per-token latency and carried memory vs T,
+    one pair of tables per batch size."""
+    header, results = document["header"], document["results"]
+    index, lengths = _index(results), _lengths(results)
+    steps = header["settings"].get("decode_steps")
+    lines = [machine_line(header, _threads(results, header)), "", f"Command: `{header['command']}`",
+             ""]
+    for batch, methods in _batch_groups(_methods(results)).items():
+        names = [m.rpartition(" B=")[0] if batch is not None else m for m in methods]
+        at = "" if batch is None else f" (B={batch})"
+        time_rows, memory_rows = [], []
+        for n in lengths:
+            time_row, memory_row = [str(n)], [str(n)]
+            for method in methods:
+                r = index.get((method, "decode", n))
+                t = _median(r)
+                state = r["memory"].get("state_bytes") if t is not None else None
+                time_row.append(_cell(r, None if t is None else format_seconds(t)))
+                memory_row.append(_cell(r, None if state is None else format_bytes(state)))
+            time_rows.append(time_row)
+            memory_rows.append(memory_row)
+        growth = [f"T={lengths[-1]} / T={lengths[0]}"] if lengths else []
+        for method in methods:
+            first = _median(index.get((method, "decode", lengths[0]))) if lengths else None
+            last = _median(index.get((method, "decode", lengths[-1]))) if lengths else None
+            growth.append(f"{last / first:.2f}×" if first and last else "-")
+        lines += [
+            f"**Decoding{at}: time per token** after a context of T tokens (median over "
+            f"{steps} single-token steps; LLN / LLN+Diag: recurrent state, softmax: SDPA "
+            "against a pre-allocated KV cache, cache append included; +compile: the step "
+            "under torch.compile; last row: growth from the shortest to the longest context)",
+            "",
+            *_table(["T", *names], [*time_rows, growth] if growth else time_rows),
+            "",
+            f"**Decoding{at}: memory carried per batch** (LLN / LLN+Diag: every tensor of "
+            "the recurrent state; softmax: the filled part of the KV cache)",
+            "",
+            *_table(["T", *names], memory_rows),
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -163,7 +163,8 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Run ``configs`` (ordered by length) one process each; returns one result per config.
 
-    Each result is ``{"method", "mode", "n", **record}``. ``skip(config)`` may return a
+    Each result is ``{"method", "mode", "n", **record}``, with ``method`` the config's
+    ``label`` when it has one. ``skip(config)`` may return a
     reason (e.g. ``"unsupported: ..."``) to record a config without running it (status
     ``unsupported``). ``on_result`` sees every result as soon as it exists (to save partial
     results). A tqdm progress bar is shown when ``progress``.
@@ -175,9 +176,10 @@ def sweep(
     results: list[dict[str, Any]] = []
     bar = tqdm(configs, desc="lln bench", unit="config", disable=not progress, leave=False)
     for config in bar:
-        key = (config["method"], config["mode"])
-        where = {"method": config["method"], "mode": config["mode"], "n": config["n"]}
-        bar.set_postfix_str(f"{config['method']} {config['mode']} N={config['n']}")
+        name = config.get("label", config["method"])  # e.g. "lln B=8" when batches vary
+        key = (name, config["mode"])
+        where = {"method": name, "mode": config["mode"], "n": config["n"]}
+        bar.set_postfix_str(f"{name} {config['mode']} N={config['n']}")
         reason = skip(config)
         if reason is not None:
             record: dict[str, Any] = {"status": "unsupported", "detail": reason}

@@ -88,13 +88,27 @@ def _softmax_teacher(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     return out.masked_fill(empty, 0.0)
 
 
+def _layer_setup(module: nn.Module, head_dim: int, cache_layer) -> tuple:
+    """``(params, options, block_size, scale)`` of an attention module: looked up and
+    parsed once per cache layer (a generation), not at every decoded token."""
+    setup = None if cache_layer is None else cache_layer.setup
+    if setup is not None and setup[0] is module and setup[1] == head_dim:
+        return setup[2]
+    params = params_for(module)
+    options = lln_options(module.config)
+    block_size, scale = check_block_args(options["block_size"], None, head_dim)
+    found = (params, options, block_size, scale)
+    if cache_layer is not None:
+        cache_layer.setup = (module, head_dim, found)
+    return found
+
+
 def _lln_family(
     method: str, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     is_causal: bool, cache_layer,
 ) -> Tensor:
     """LLN or LLN+Diag on prepared ``(B, H, ., D)`` inputs; continues ``cache_layer``."""
-    params = params_for(module)
-    options = lln_options(module.config)
+    params, options, block_size, scale = _layer_setup(module, q.shape[-1], cache_layer)
     alpha, beta = (None, None) if params is None else params.scales()
     state = window = None
     if cache_layer is not None:
@@ -112,13 +126,15 @@ def _lln_family(
     if method == "lln":
         out = lln_out
     else:
-        block_size, scale = check_block_args(options["block_size"], None, q.shape[-1])
         diag_out, window = aligned_block_diag(
             q, k, v, mask, block_size=block_size, scale=scale, is_causal=is_causal,
             window=window, output_window=keep_state,
         )
-        lw, dw = (0.5, 0.5) if params is None else params.mixing_weights()
-        out = lw * lln_out + dw * diag_out
+        if params is None:
+            out = torch.add(lln_out * 0.5, diag_out, alpha=0.5)
+        else:
+            lw, dw = params.mixing_weights()
+            out = torch.addcmul(lw * lln_out, dw, diag_out)
     if cache_layer is not None:
         cache_layer.consume(state, window)
     return out
@@ -180,7 +196,7 @@ def hf_attention(
     prefix = k.shape[2] - n_q
     if cache_layer is None and prefix > 0 and is_causal:
         # a cache that hands over every past key (DynamicCache): rerun the prefix
-        if method in LLN_METHODS and (params is None or not bool(params.calibrated)):
+        if method in LLN_METHODS and (params is None or params.scales()[0] is None):
             raise ValueError(
                 "causal LLN with moment matching needs the statistics of past queries, which "
                 "a key/value cache does not keep: decode with lln.hf.LLNCache "

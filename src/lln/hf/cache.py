@@ -46,6 +46,7 @@ class LLNCacheLayer(CacheLayerMixin):
         self.window: DiagWindow | None = None
         self.seen = 0  # tokens consumed, padding included (what the masks are sized by)
         self.pending = False
+        self.setup: tuple | None = None  # the attention's parsed per-layer settings
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device = key_states.device
@@ -93,7 +94,7 @@ class LLNCacheLayer(CacheLayerMixin):
         return None
 
     def reset(self) -> None:
-        self.state = self.window = None
+        self.state = self.window = self.setup = None
         self.seen, self.pending = 0, False
 
     def _map(self, fn) -> None:

@@ -66,6 +66,9 @@ def aligned_block_diag(
         ``(out (B, H, L, Dv) in the dtype of v, window or None)``.
     """
     b, h, n, d = q.shape
+    if window is not None and n == 1:  # decoding: the window plus one token, no compaction
+        return _window_step(q, k, v, key_padding_mask, window, block_size=block_size,
+                            scale=scale, output_window=output_window)
     if key_padding_mask is None and window is None and not output_window:
         out = block_diag_attention(q, k, v, block_size=block_size, is_causal=is_causal, scale=scale)
         return out, None
@@ -102,3 +105,48 @@ def aligned_block_diag(
         index = ((n_real - keep)[:, None] + slots[None, :]).clamp_max(total - 1)
         new_window = DiagWindow(_gather_tokens(k_c, index), _gather_tokens(v_c, index), keep)
     return out, new_window
+
+
+def _window_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    window: DiagWindow,
+    *,
+    block_size: int,
+    scale: float,
+    output_window: bool,
+) -> tuple[Tensor, DiagWindow | None]:
+    """:func:`aligned_block_diag` of one token ``(B, H, 1, D)`` continuing ``window``.
+
+    The token's key and value are written at slot ``count[b]`` of the window first (in
+    place when autograd is off: the window is the cache's own buffer, so a step copies
+    nothing), then its query attends to slots ``< count[b] + real[b]`` with one ``(1, W)``
+    score row. Only tensor ops (no host read of ``count``), a fixed number whatever the
+    context."""
+    b, h, _, d = q.shape
+    real = (torch.ones(b, dtype=torch.bool, device=q.device) if key_padding_mask is None
+            else key_padding_mask[:, -1])
+    index = window.count[:, None, None, None]
+    keys, values = window.k, window.v
+    new_k, new_v = k.to(keys.dtype), v.to(values.dtype)
+    if torch.is_grad_enabled() and (keys.requires_grad or new_k.requires_grad
+                                    or values.requires_grad or new_v.requires_grad):
+        keys = keys.scatter(2, index.expand_as(new_k), new_k)
+        values = values.scatter(2, index.expand_as(new_v), new_v)
+    else:
+        keys.scatter_(2, index.expand_as(new_k), new_k)
+        values.scatter_(2, index.expand_as(new_v), new_v)
+    count = window.count + real.to(window.count.dtype)
+    visible = torch.arange(keys.shape[2], device=q.device) < count[:, None]
+    visible = visible[:, None, None, :]  # (B, 1, 1, W)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    logits = (q.to(cdt) @ keys.to(cdt).transpose(-1, -2)) * scale
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)
+    probs = torch.where(visible, probs, 0.0)  # a row that sees nothing is 0, not NaN
+    out = (probs @ values.to(cdt)) * real[:, None, None, None].to(cdt)  # padded query: 0
+    new_window = None
+    if output_window:  # a finished block starts anew
+        new_window = DiagWindow(keys, values, torch.where(count == block_size, 0, count))
+    return out.to(v.dtype), new_window

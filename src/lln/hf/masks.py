@@ -89,4 +89,6 @@ def key_padding_mask_from_hf(
     mask = attention_mask[:, attention_mask.shape[1] - kv_len:]
     if mask.dtype != torch.bool:
         mask = mask != 0
-    return None if bool(mask.all()) else mask
+    # (no "all real -> None" here: that host read would synchronise once per layer and
+    # token; :func:`padding_mask` already returns None for an unpadded batch, once a forward)
+    return mask

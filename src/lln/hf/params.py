@@ -79,6 +79,7 @@ class LLNAttentionParams(nn.Module):
         self.diag_weight = nn.Parameter(torch.full((num_heads,), 0.5))
         self.register_buffer("calibrated", torch.tensor(False))
         self._sums: dict[str, Tensor] | None = None
+        self._scales_cache: tuple | None = None  # (key, scales) for inference, see scales()
         self._head_dim: int | None = None  # of the recorded q (for constants="head_dim")
         #: What the layer outputs while recording: "softmax" (the teacher) or "lln".
         self.record_forward = "softmax"
@@ -89,13 +90,26 @@ class LLNAttentionParams(nn.Module):
     # ------------------------------------------------------------------ use
     def scales(self) -> tuple[Tensor, Tensor] | tuple[None, None]:
         """``(alpha, beta)`` of shape ``(1, H, 1, 1)`` (with gradient), or ``(None, None)``
-        before calibration (= moment matching at run time)."""
+        before calibration (= moment matching at run time).
+
+        Without grad mode (inference, decoding) the result is computed once and reused
+        until a parameter or ``calibrated`` changes (tracked by their in-place version
+        counters and storage), so a decoded token neither recomputes the scales nor reads
+        ``calibrated`` on the host (which would synchronise with the device)."""
+        tensors = (self.calibrated, self.log_alpha, self.log_beta, self.log_temperature)
+        key = tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+        cached = self._scales_cache
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1]
         if not bool(self.calibrated):
-            return None, None
-        shape = (1, self.num_heads, 1, 1)
-        alpha = torch.exp(self.log_alpha - self.log_temperature).view(shape)
-        beta = torch.exp(self.log_beta - self.log_temperature).view(shape)
-        return alpha, beta
+            scales: tuple = (None, None)
+        else:
+            shape = (1, self.num_heads, 1, 1)
+            alpha = torch.exp(self.log_alpha - self.log_temperature).view(shape)
+            beta = torch.exp(self.log_beta - self.log_temperature).view(shape)
+            scales = (alpha, beta)
+        self._scales_cache = None if torch.is_grad_enabled() else (key, scales)
+        return scales
 
     def mixing_weights(self) -> tuple[Tensor, Tensor]:
         """``(lln_weight, diag_weight)``, each of shape ``(1, H, 1, 1)``."""

@@ -7,12 +7,38 @@ was expected, so bad input never turns into a silent NaN deep inside a kernel.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+_DEBUG = False
+
+
+def set_debug(enabled: bool) -> None:
+    """Turn the ops' data-dependent checks on or off (default: off).
+
+    The ops never read tensor values on the host by default, so they add no host-device
+    synchronisation and compile without graph breaks. With debug on they also check:
+
+    * tensor ``alpha`` / ``beta`` are > 0 and finite, tensor mixing weights are finite
+      (Python floats are always checked: that costs nothing);
+    * causal rows whose every term underflowed are reported with a ``RuntimeWarning`` on
+      every device (without debug: on CPU only, where reading the count needs no device
+      sync, and not inside ``torch.compile``).
+
+    Each check reads a tensor on the host, so debug mode synchronises once per check.
+    """
+    global _DEBUG
+    _DEBUG = check_bool(enabled, "enabled")
+
+
+def debug_enabled() -> bool:
+    """Whether :func:`set_debug` turned the data-dependent checks on."""
+    return _DEBUG
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,6 +136,54 @@ def check_nonnegative_float(value: object, name: str) -> float:
     return value
 
 
+def check_param(
+    value: float | Tensor,
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    positive: bool,
+) -> float | Tensor:
+    """A checked scale or weight: a Python float as a ``float``, a tensor broadcastable to
+    ``shape`` in ``dtype`` with that rank (gradients flow through it).
+
+    Python floats must be finite (and > 0 when ``positive``); the values of a tensor are
+    checked only in debug mode (:func:`set_debug`), since reading them would synchronise
+    with the device on every call. Shape, dtype and device are always checked.
+    """
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating tensor, got dtype {value.dtype}")
+        # (pure Python: torch.broadcast_shapes costs tens of microseconds per call)
+        dims = value.shape
+        if len(dims) > len(shape) or any(
+            a != 1 and a != b for a, b in zip(reversed(dims), reversed(shape), strict=False)
+        ):
+            raise ValueError(
+                f"{name} must be broadcastable to {shape}, got shape {tuple(value.shape)}"
+            )
+        if value.device != device:
+            raise ValueError(f"{name} must be on {device}, got {value.device}")
+        if _DEBUG:
+            if positive and not bool((value > 0).all()):
+                raise ValueError(f"{name} must be > 0 everywhere, got min {value.min().item()!r}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be finite")
+        if value.dtype != dtype:
+            value = value.to(dtype)
+        if value.dim() < len(shape):
+            value = value.reshape((1,) * (len(shape) - value.dim()) + tuple(value.shape))
+        return value
+    if positive:
+        return check_positive_float(value, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {float(value)!r}")
+    return float(value)
+
+
 def broadcast_param(
     value: float | Tensor,
     name: str,
@@ -119,33 +193,12 @@ def broadcast_param(
     device: torch.device,
     positive: bool,
 ) -> Tensor:
-    """Turn a float or a tensor broadcastable to ``shape`` into a tensor of that rank.
-
-    Gradients flow through tensor values (so alpha/beta or mixing weights can be learned).
-    """
+    """:func:`check_param` as a tensor of the rank of ``shape`` (floats become one-element
+    tensors)."""
+    value = check_param(value, name, shape, dtype=dtype, device=device, positive=positive)
     if isinstance(value, Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a float or a floating tensor, got dtype {value.dtype}")
-        try:
-            broadcast = torch.broadcast_shapes(value.shape, shape)
-        except RuntimeError:
-            broadcast = None
-        if broadcast != torch.Size(shape):
-            raise ValueError(
-                f"{name} must be broadcastable to {shape}, got shape {tuple(value.shape)}"
-            )
-        if value.device != device:
-            raise ValueError(f"{name} must be on {device}, got {value.device}")
-        if positive and not bool((value > 0).all()):
-            raise ValueError(f"{name} must be > 0 everywhere, got min {value.min().item()!r}")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name} must be finite")
-        return value.to(dtype).reshape((1,) * (len(shape) - value.dim()) + tuple(value.shape))
-    if positive:
-        value = check_positive_float(value, name)
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    return torch.full((1,) * len(shape), float(value), dtype=dtype, device=device)
+        return value
+    return torch.full((1,) * len(shape), value, dtype=dtype, device=device)
 
 
 def check_is_causal(is_causal: object) -> bool:

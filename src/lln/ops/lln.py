@@ -53,6 +53,7 @@ from ._validation import (
     check_positive_int,
     check_qkv,
     compute_dtype,
+    debug_enabled,
 )
 from .moment_matching import (
     PrefixMoments,
@@ -61,6 +62,7 @@ from .moment_matching import (
     moment_match_with_moments,
     resolve_constants,
 )
+from .recurrent import lln_step, takes_step_path
 from .state import LLNState
 
 NEG_INF = float("-inf")
@@ -87,10 +89,23 @@ def segment_runner(fn: Callable, checkpoint: bool, *tensors: Tensor | None) -> C
 
 def warn_lost_rows(lost: Tensor | int) -> None:
     """The RuntimeWarning for causal rows whose every term underflowed (see ``_causal``),
-    pointing at the caller of the public op; nothing when ``lost`` is 0."""
-    if int(lost):
+    pointing at the caller of the public op; nothing when ``lost`` is 0.
+
+    Reading the count is a host access: it is done on CPU (no device to wait for) outside
+    ``torch.compile``, and on other devices only in debug mode (:func:`lln.set_debug`), so
+    the ops never synchronise with an accelerator by default.
+    """
+    if not isinstance(lost, Tensor):
+        count = int(lost)
+    elif debug_enabled() or (
+        lost.device.type == "cpu" and not torch.compiler.is_compiling()
+    ):
+        count = int(lost)
+    else:
+        return
+    if count:
         warnings.warn(
-            f"causal LLN: {int(lost)} rows underflowed to a zero denominator and were set to "
+            f"causal LLN: {count} rows underflowed to a zero denominator and were set to "
             "0. Inside a chunk the offsets are per token, which covers exponents "
             "alpha*q + beta*k up to about +-80 apart in float32 (+-700 in float64); use "
             "smaller alpha/beta (a higher temperature) or float64.",
@@ -611,6 +626,13 @@ def lln_attention(
         initial_state=initial_state, output_final_state=output_final_state, block_size=None,
         constants=constants, checkpoint=checkpoint,
     )
+    if takes_step_path(q.shape[2], is_causal, initial_state):  # decoding: the recurrent path
+        out, state = lln_step(
+            q, k, v, mask, initial_state, alpha=alpha, beta=beta, stats=stats,
+            temperature=temperature, constants=constants, eps=eps,
+        )
+        out = out if out.dtype == v.dtype else out.to(v.dtype)
+        return (out, state) if output_final_state else out
     out, state, lost = lln_forward(
         q, k, v, is_causal=is_causal, mask=mask, alpha=alpha, beta=beta, stats=stats,
         temperature=temperature, eps=eps, chunk_size=chunk_size, state=initial_state,

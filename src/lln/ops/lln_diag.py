@@ -15,6 +15,7 @@ from torch import Tensor
 from ._validation import broadcast_param, check_qkv, compute_dtype
 from .block_diag import block_diag_forward, check_block_args
 from .lln import _reference, check_lln_args, lln_forward, segment_runner, warn_lost_rows
+from .recurrent import lln_diag_step, takes_step_path
 from .state import LLNState
 
 #: Tokens per piece of the causal path (see ``lln_diag_attention``).
@@ -69,6 +70,14 @@ def lln_diag_attention(
         initial_state=initial_state, output_final_state=output_final_state,
         block_size=block_size, constants=constants, checkpoint=checkpoint,
     )
+    if takes_step_path(q.shape[2], is_causal, initial_state):  # decoding: the recurrent path
+        out, state = lln_diag_step(
+            q, k, v, mask, initial_state, alpha=alpha, beta=beta, stats=stats,
+            temperature=temperature, constants=constants, eps=eps, block_size=block_size,
+            scale=scale, lln_weight=lln_weight, diag_weight=diag_weight,
+        )
+        out = out if out.dtype == v.dtype else out.to(v.dtype)
+        return (out, state) if output_final_state else out
     b, h, n, _ = q.shape
     cdt = compute_dtype(q.dtype)
     weight_shape = (b, h, 1, v.shape[-1])
@@ -208,7 +217,7 @@ def _lln_diag_piece(
         k = torch.cat([state.block_k.to(k.dtype), k], 2)
         v = torch.cat([state.block_v.to(v.dtype), v], 2)
         real = torch.cat([state.block_mask, real], 1)
-        mask = None if mask is None and bool(real.all()) else real  # None: the fused path
+        mask = real  # (whether any is padded is data: no host read to pick the fused path)
     diag_out = block_diag_forward(
         q, k, v, mask, block_size=block_size, is_causal=is_causal, scale=scale
     )[:, :, carried:]

@@ -313,7 +313,7 @@ def _whole_moments(
         s1 = s1 + y.sum(dims, keepdim=True).double() * scale
         s2 = s2 + y.square_().sum(dims, keepdim=True).double() * scale.square()
     if mask is None:
-        count = torch.full_like(s1, float(math.prod(x.shape[i] for i in dims)))
+        count = torch.full_like(s1, float(math.prod([x.shape[i] for i in dims])))
     else:
         count = (mask.sum(-1, dtype=torch.float64) * d).view(b, 1, 1, 1).expand(b, h, 1, 1)
         if stats != "head":
