@@ -419,9 +419,9 @@ def _scan_states(xt: Tensor, level: Tensor, reverse: bool = False) -> tuple[Tens
     weight is ``<= 1`` and is one ``exp`` of a difference (no product of decay factors, so
     nothing underflows that a sequential scan keeps). Locality: the weights of excluded
     states are exact zeros and non-finite entries of ``xt`` are kept out of the matmul
-    (``xt`` is overwritten: they become 0) and added back as NaN by a prefix sum along M,
-    so a NaN/Inf in state m changes no ``R_t`` before it (after it when ``reverse``), bit
-    for bit."""
+    (``xt`` is overwritten: they become 0) and added back as NaN (to their column ``e``,
+    every dim ``d``) by a prefix sum along M, so a NaN/Inf in state m changes no ``R_t``
+    before it (after it when ``reverse``), bit for bit."""
     m = xt.shape[-2]
     with torch.no_grad():
         flipped = level.flip(2) if reverse else level
@@ -434,14 +434,12 @@ def _scan_states(xt: Tensor, level: Tensor, reverse: bool = False) -> tuple[Tens
         keep = torch.ones(m, m, dtype=torch.bool, device=xt.device)
         keep = keep.triu() if reverse else keep.tril()
         w = w.masked_fill_(~keep, 0.0)
-    # 0 where state m's row is finite, NaN where not (s - s; the sum of the row in float64
-    # cannot overflow for float32 / 16 entries, (x * 0) cannot for float64 ones)
-    if xt.dtype == torch.float64:
-        poison = (xt * 0.0).sum(-1, keepdim=True)
-    else:
-        poison = xt.sum(-1, keepdim=True, dtype=torch.float64)
-        poison = (poison - poison).to(xt.dtype)
-    poison = poison.flip(-2).cumsum(-2).flip(-2) if reverse else poison.cumsum(-2)
+        # per state m and column e: 0 where the column is finite, NaN where not (min * 0 +
+        # max * 0: no overflow, one pass), summed along M like the states. (Per column, so
+        # that a NaN in one value dim reaches the same output dims as a sequential scan.)
+        low, high = torch.aminmax(xt.detach(), dim=-3, keepdim=True)
+        poison = low.mul_(0.0).add_(high.mul_(0.0))
+        poison = poison.flip(-2).cumsum(-2).flip(-2) if reverse else poison.cumsum(-2)
     return torch.matmul(w, xt.nan_to_num_(0.0, 0.0, 0.0)).add_(poison), top
 
 
