@@ -373,7 +373,7 @@ def _segment_backward(
     big_g, big_c, amax = states[:, :, :, 0, :dv_dim], states[:, :, :, 0, dv_dim], top[:, :, 0]
     k_inter = (k_masked + amax_after.unsqueeze(-2)).exp_()  # <= 1; 0 on padded keys
     dv.view(-1, *dv.shape[-2:]).baddbmm_(
-        k_inter.view(-1, *k_inter.shape[-2:]), g_after.reshape(-1, *g_after.shape[-2:]))
+        k_inter.reshape(-1, *k_inter.shape[-2:]), g_after.reshape(-1, *g_after.shape[-2:]))
     dks.addcmul_(k_inter, _bmm(vc, g_after.transpose(-1, -2)).sub_(c_after.unsqueeze(-2)))
 
     def unchunk(t: Tensor) -> Tensor:
