@@ -337,6 +337,20 @@ def test_nan_in_v_stays_inside_its_chunk(op):
     assert torch.equal(out[:, :, :192], clean[:, :, :192])
 
 
+@pytest.mark.parametrize("op", list(OPS))
+def test_nan_in_v_reaches_every_later_row(op):
+    """The carried state is a batched matmul over the chunks with the non-finite entries
+    kept out of it: they must still reach every later row (NaN, not a silently finite
+    output), in the value dim they came from only (as a sequential scan would)."""
+    q, k, v = make_qkv(1, 2, 300, 8, dtype=torch.float32, seed=9)
+    v2 = v.clone()
+    v2[:, :, 200, 0] = float("nan")
+    out = OPS[op](q, k, v2, is_causal=True, chunk_size=16)
+    assert bool(torch.isnan(out[:, :, 200:, 0]).all())
+    if op == "lln":  # (LLN+Diag's block softmax spreads it over its block's rows)
+        assert bool(torch.isfinite(out[:, :, :, 1:]).all())
+
+
 # --- the non-causal Function -------------------------------------------------------------
 
 

@@ -424,26 +424,60 @@ def _visible(row_max: Tensor, key_real: Tensor | None) -> Tensor:
     return causal if key_real is None else causal & torch.isfinite(row_max).unsqueeze(-2)
 
 
+def _scan_states(xt: Tensor, level: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """Running sums of log-scaled states in one batched matmul (no per-chunk loop).
+
+    ``xt (B, H, D, M, E)`` holds M states of ``(D, E)`` (stored per dim first: one matmul
+    per dim), state m relative to ``exp(level_m)`` per dim (``level (B, H, M, D)``). Returns
+    ``(R (B, H, D, M, E), top (B, H, M, D))`` with ``top_t = max_{m <= t} level_m`` and
+    ``R_t = sum_{m <= t} exp(level_m - top_t) x_m`` (``m >= t`` when ``reverse``). Every
+    weight is ``<= 1`` and is one ``exp`` of a difference (no product of decay factors, so
+    nothing underflows that a sequential scan keeps). Locality: the weights of excluded
+    states are exact zeros and non-finite entries of ``xt`` are kept out of the matmul
+    (``xt`` is overwritten: they become 0) and added back as NaN (to their column ``e``,
+    every dim ``d``) by a prefix sum along M, so a NaN/Inf in state m changes no ``R_t``
+    before it (after it when ``reverse``), bit for bit."""
+    m = xt.shape[-2]
+    with torch.no_grad():
+        flipped = level.flip(2) if reverse else level
+        top = flipped.cummax(2).values
+        top = top.flip(2) if reverse else top
+        # w[t, m] = exp(level_m - top_t) per dim: (B, H, D, M_t, M_m); exp(-inf - -inf) -> 0
+        w = (level.transpose(-1, -2).contiguous().unsqueeze(-2)
+             - top.transpose(-1, -2).contiguous().unsqueeze(-1))
+        w = w.exp_().nan_to_num_(0.0)
+        keep = torch.ones(m, m, dtype=torch.bool, device=xt.device)
+        keep = keep.triu() if reverse else keep.tril()
+        w = w.masked_fill_(~keep, 0.0)
+        # per state m and column e: 0 where the column is finite, NaN where not (min * 0 +
+        # max * 0: no overflow, one pass), summed along M like the states. (Per column, so
+        # that a NaN in one value dim reaches the same output dims as a sequential scan.)
+        low, high = torch.aminmax(xt.detach(), dim=-3, keepdim=True)
+        poison = low.mul_(0.0).add_(high.mul_(0.0))
+        poison = poison.flip(-2).cumsum(-2).flip(-2) if reverse else poison.cumsum(-2)
+    return torch.matmul(w, xt.nan_to_num_(0.0, 0.0, 0.0)).add_(poison), top
+
+
 def _carry_states(
     k_loc: Tensor, vc: Tensor, chunk_max: Tensor, max_before: Tensor, max_after: Tensor,
     kv: Tensor, k_sum: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The state carried into each chunk, from chunk summaries ``k_loc = exp(ks -
     chunk_max)`` (0 on padded keys): ``(kv_before (B,H,nC,D,Dv), ks_before (B,H,nC,D,1))``
-    and the state after the last chunk ``(kv, k_sum)``."""
-    decay = torch.exp(max_before - max_after).nan_to_num(0.0)  # both -inf -> 0 (empty)
-    inject = torch.exp(chunk_max - max_after).nan_to_num(0.0)
-    kv_loc = _bmm(k_loc.transpose(-1, -2), vc)  # (B, H, nC, D, Dv)
-    ks_loc = k_loc.sum(-2)  # (B, H, nC, D)
-    kv_before, ks_before = [], []
-    for kv_n, ks_n, decay_n, inject_n in zip(
-        kv_loc.unbind(2), ks_loc.unbind(2), decay.unbind(2), inject.unbind(2), strict=True
-    ):
-        kv_before.append(kv)
-        ks_before.append(k_sum)
-        kv = torch.addcmul(kv * decay_n.unsqueeze(-1), kv_n, inject_n.unsqueeze(-1))
-        k_sum = torch.addcmul(k_sum * decay_n, ks_n, inject_n)
-    return torch.stack(kv_before, 2), torch.stack(ks_before, 2).unsqueeze(-1), kv, k_sum
+    (views of one tensor) and the state after the last chunk ``(kv, k_sum)``. The prefix
+    over the chunks is one batched matmul (:func:`_scan_states`)."""
+    b, h, n_chunks, _, d = k_loc.shape
+    dv = vc.shape[-1]
+    xt = kv.new_empty(b, h, d, n_chunks + 1, dv + 1)  # the initial state, then the chunks
+    xt[:, :, :, 0, :dv] = kv
+    xt[:, :, :, 0, dv] = k_sum
+    xt[:, :, :, 1:, :dv] = _bmm(k_loc.transpose(-1, -2), vc).transpose(2, 3)
+    xt[:, :, :, 1:, dv] = k_loc.sum(-2).transpose(-1, -2)
+    level = torch.cat([max_before[:, :, :1], chunk_max], 2)
+    states = _scan_states(xt, level)[0]
+    before = states[:, :, :, :-1].transpose(2, 3).contiguous()  # (B, H, nC, D, E)
+    last = states[:, :, :, -1]
+    return before[..., :dv], before[..., dv:], last[..., :dv].contiguous(), last[..., dv]
 
 
 def _causal_segment(

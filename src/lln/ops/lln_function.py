@@ -58,6 +58,7 @@ from .lln import (
     _finite_or_zero,
     _safe_divide,
     _scaled_segment,
+    _scan_states,
     _visible,
 )
 
@@ -307,10 +308,18 @@ def _segment_backward(
         kc, key_real, k_max
     )
     hidden = ~_visible(row_max, key_real)
-    kv_before, ks_before = kv, k_sum
-    # inter-chunk probabilities exp(qs_id + max_before_d - L_i) <= 1 (0 on rows set to 0)
-    q_inter = (qc + (max_before.unsqueeze(-2) - lc.unsqueeze(-1))).exp_()
-    out = _bmm(q_inter, kv_before) if recompute else out.reshape(gc.shape)
+    # a_id = qs_id - L_i (-inf on rows set to 0) relative to its per-chunk max amax_d:
+    # a_loc = exp(a_id - amax_d) <= 1 serves the reverse scan (keys) and, times the factor
+    # exp(max_before_d + amax_d) <= 1 (as ks_jd + a_id <= 0 for every visible pair; 0 where
+    # amax = -inf), gives the inter-chunk probabilities exp(qs_id + max_before_d - L_i) of
+    # the queries. The factor is folded into the carried state (D x Dv per chunk) instead
+    # of into an N x D tensor.
+    a_loc = qc - lc.unsqueeze(-1)
+    chunk_amax = a_loc.amax(-2)  # (B, H, nC, D)
+    a_loc = a_loc.sub_(_finite_or_zero(chunk_amax).unsqueeze(-2)).exp_()
+    inter = torch.exp(max_before + chunk_amax).unsqueeze(-1)
+    kv_before, ks_before = kv * inter, k_sum * inter
+    out = _bmm(a_loc, kv_before) if recompute else out.reshape(gc.shape)
     # intra-chunk: the normaliser split between the factors (see the module docstring).
     # Rows (for dqs): x_i = (max_d qs_id - m_i + L_i) / 2, +inf on rows set to 0.
     q_max = qc.amax(-1)
@@ -344,34 +353,28 @@ def _segment_backward(
     del q_plain, e, d_probs, k_hat
     dv = _bmm(probs.transpose(-1, -2), gc)
     del probs
-    dqs += q_inter.mul_(
-        _bmm(gc, kv_before.transpose(-1, -2)) - dots.unsqueeze(-1) * ks_before.transpose(-1, -2)
-    )
-    del q_inter, kv_before, ks_before
+    dqs.addcmul_(a_loc, _bmm(gc, kv_before.transpose(-1, -2)).addcmul_(
+        dots.unsqueeze(-1), ks_before.transpose(-1, -2), value=-1.0))
+    del kv_before, ks_before
     # inter-chunk, keys and values: reverse scan over the chunks
-    a = qc - lc.unsqueeze(-1)  # a_id = qs_id - L_i: -inf on rows set to 0
-    chunk_amax = a.amax(-2)  # (B, H, nC, D)
-    a_loc = (a - _finite_or_zero(chunk_amax).unsqueeze(-2)).exp_()
     g_loc = _bmm(a_loc.transpose(-1, -2), gc)  # (B, H, nC, D, Dv)
     c_loc = _bmm(a_loc.transpose(-1, -2), dots.unsqueeze(-1)).squeeze(-1)  # (B, H, nC, D)
-    del a, a_loc
-    g_after, c_after, amax_after = [], [], []
-    for index in reversed(range(n_chunks)):
-        g_after.append(big_g)
-        c_after.append(big_c)
-        amax_after.append(amax)
-        top = torch.maximum(amax, chunk_amax[:, :, index])
-        decay = torch.exp(amax - top).nan_to_num(0.0)
-        inject = torch.exp(chunk_amax[:, :, index] - top).nan_to_num(0.0)
-        big_g = torch.addcmul(big_g * decay.unsqueeze(-1), g_loc[:, :, index], inject.unsqueeze(-1))
-        big_c = torch.addcmul(big_c * decay, c_loc[:, :, index], inject)
-        amax = top
-    g_after = torch.stack(g_after[::-1], 2)  # (B, H, nC, D, Dv)
-    c_after = torch.stack(c_after[::-1], 2)  # (B, H, nC, D)
-    amax_after = torch.stack(amax_after[::-1], 2)
+    del a_loc
+    # the reverse scan as one batched matmul: the chunks, then the state after the segment
+    xt = big_g.new_empty(b, h, d, n_chunks + 1, dv_dim + 1)
+    xt[:, :, :, :-1, :dv_dim] = g_loc.transpose(2, 3)
+    xt[:, :, :, :-1, dv_dim] = c_loc.transpose(-1, -2)
+    xt[:, :, :, -1, :dv_dim] = big_g
+    xt[:, :, :, -1, dv_dim] = big_c
+    del g_loc, c_loc
+    states, top = _scan_states(xt, torch.cat([chunk_amax, amax.unsqueeze(2)], 2), reverse=True)
+    after = states[:, :, :, 1:].transpose(2, 3).contiguous()  # after each chunk: (B, H, nC, D, E)
+    g_after, c_after, amax_after = after[..., :dv_dim], after[..., dv_dim], top[:, :, 1:]
+    big_g, big_c, amax = states[:, :, :, 0, :dv_dim], states[:, :, :, 0, dv_dim], top[:, :, 0]
     k_inter = (k_masked + amax_after.unsqueeze(-2)).exp_()  # <= 1; 0 on padded keys
-    dv += _bmm(k_inter, g_after)
-    dks += k_inter.mul_(_bmm(vc, g_after.transpose(-1, -2)).sub_(c_after.unsqueeze(-2)))
+    dv.view(-1, *dv.shape[-2:]).baddbmm_(
+        k_inter.reshape(-1, *k_inter.shape[-2:]), g_after.reshape(-1, *g_after.shape[-2:]))
+    dks.addcmul_(k_inter, _bmm(vc, g_after.transpose(-1, -2)).sub_(c_after.unsqueeze(-2)))
 
     def unchunk(t: Tensor) -> Tensor:
         return t.reshape(b, h, n_chunks * c, t.shape[-1])[:, :, :n]
