@@ -105,7 +105,9 @@ def _causal(
         decay = torch.exp(before - after).nan_to_num(0.0)  # both -inf: empty state
         inject = torch.exp(chunk_max - after).nan_to_num(0.0)
 
-    intra = ((qc @ kc.transpose(-1, -2)) * e) @ vc  # (B, H, nC, C, Dv + 1)
+    # keys after i removed with masked_fill, not by their zero weight: a NaN/Inf future key
+    # would make 0 * NaN = NaN in earlier rows
+    intra = ((qc @ kc.transpose(-1, -2)) * e).masked_fill(~causal, 0.0) @ vc
     kv_loc = (kc * k_scale.unsqueeze(-1)).transpose(-1, -2) @ vc  # (B, H, nC, M, Dv + 1)
     state = kv_loc.new_zeros(b, h, m, dv1)
     states = []
