@@ -120,6 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--readme-marker", default=None,
                      help="marker name: <!-- NAME:start --> ... <!-- NAME:end --> "
                      "(default: bench, or bench-decode with --decode)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="write into an --out that already holds results, replacing them")
     out.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     out.add_argument("--quiet", action="store_true", help="no progress bar or per-config lines")
 
@@ -239,7 +241,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     from ..cli_util import prepare_out
 
-    prepare_out(out_dir, overwrite=True)  # an unwritable --out fails now, not after a run
+    # a non-empty or unwritable --out fails now, not after a run
+    prepare_out(out_dir, overwrite=args.overwrite)
     configs = build_configs(args, methods)
     settings = {
         key: value for key, value in configs[0].items()

@@ -585,6 +585,9 @@ def lln_forward(
         q, k, v, alpha_t, beta_t, mask, state, chunk_size, eps, checkpoint=checkpoint,
         diag=diag,
     )
+    # fresh, contiguous state tensors (the kernel's are views): the layout the decode step
+    # returns too, so a compiled step does not recompile on the first call after a prefill
+    kv, k_sum, k_max = (t.clone(memory_format=torch.contiguous_format) for t in (kv, k_sum, k_max))
     new_state = LLNState(
         kv=kv, k_sum=k_sum, k_max=k_max, position=state.position + q.shape[2],
         stats=None if alpha is not None else stats, moments=moments, block_size=block_size,
